@@ -1,0 +1,57 @@
+"""The node's shared-memory object store (Cython core in minray/_core/store.pyx).
+
+`SharedStore` is the raw store: create / seal / get / release / delete of
+byte objects with pins and LRU eviction.  `put_value` and `get_value` combine
+it with minray.serialization to store Python values, numpy arrays zero-copy.
+"""
+import os
+
+import psutil
+
+from minray._core.store import OBJECT_ID_SIZE, SHM_DIR, PinnedBuffer, SharedStore
+from minray.serialization import deserialize, serialize
+
+__all__ = [
+    "OBJECT_ID_SIZE", "PinnedBuffer", "SharedStore", "default_capacity",
+    "get_value", "put_value", "store_name",
+]
+
+# The default store takes this share of RAM, never more than the free space
+# of /dev/shm and never more than the cap (a bigger store only helps when a
+# working set is that big; it can always be asked for explicitly).
+DEFAULT_RAM_FRACTION = 0.3
+DEFAULT_CAP_BYTES = 64 << 30
+SHM_HEADROOM = 0.8
+
+
+def default_capacity():
+    """A sensible object store size for this machine, in bytes."""
+    ram = psutil.virtual_memory().total
+    st = os.statvfs(SHM_DIR)
+    shm_free = st.f_bavail * st.f_frsize
+    return int(min(ram * DEFAULT_RAM_FRACTION, shm_free * SHM_HEADROOM, DEFAULT_CAP_BYTES))
+
+
+def store_name(session, node):
+    """Arena file name: carries session and node so two stores never collide."""
+    return f"minray-{session}-{node}"
+
+
+def put_value(store, object_id, value):
+    """Serialize `value` straight into the store under `object_id` and seal it."""
+    serialized = serialize(value)
+    buf = store.create_object(object_id, serialized.total_size, serialized.metadata)
+    try:
+        serialized.write_to(buf)
+    except BaseException:
+        del buf
+        store.abort(object_id)
+        raise
+    del buf
+    store.seal(object_id)
+
+
+def get_value(store, object_id):
+    """Read a value from the store; numpy arrays and Arrow buffers are zero-copy views."""
+    pinned = store.get(object_id)
+    return deserialize(pinned.metadata, pinned)

@@ -1,0 +1,53 @@
+"""Build script: the Cython core lives in minray/_core (see docs/architecture.md)."""
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CORE_MODULES = ["allocator", "store"]
+
+extensions = [
+    Extension(
+        f"minray._core.{name}",
+        [f"minray/_core/{name}.pyx"],
+        extra_compile_args=["-O3", "-std=gnu11"],
+        libraries=["pthread"],
+    )
+    for name in CORE_MODULES
+]
+
+
+def read(path):
+    with open(os.path.join(HERE, path), encoding="utf-8") as f:
+        return f.read()
+
+
+setup(
+    name="minray",
+    version="0.1.0",
+    description="A small, fast distributed execution framework with Ray's API",
+    long_description=read("README.md"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["minray", "minray.*"]),
+    package_data={"minray._core": ["*.pxd", "*.pyx", "*.h"]},
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+    ),
+    python_requires=">=3.9",
+    install_requires=[
+        "numpy",
+        "cloudpickle>=2.0",
+        "lmdb",
+        "pyarrow",
+        "psutil",
+        "paramiko",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": []},
+    zip_safe=False,
+)

@@ -1,0 +1,477 @@
+"""The shared-memory object store: allocator, table, pins, eviction, processes."""
+import os
+import signal
+import subprocess
+
+import pytest
+
+from conftest import python_child
+from minray.exceptions import (
+    ObjectExistsError, ObjectNotFoundError, ObjectStoreError, ObjectStoreFullError,
+    StoreAttachError,
+)
+from minray.object_store import SharedStore
+
+
+def oid(n):
+    return n.to_bytes(4, "big") * 5
+
+
+def put(store, object_id, size, fill=b"x"):
+    buf = store.create_object(object_id, size)
+    buf[:] = (fill * size)[:size]
+    del buf
+    store.seal(object_id)
+
+
+# ---------------------------------------------------------------- life cycle
+
+def test_create_write_seal_get_release_delete(make_store):
+    store = make_store()
+    buf = store.create_object(oid(1), 11, b"meta")
+    buf[:] = b"hello world"
+    store.seal(oid(1))
+    with pytest.raises(ValueError):        # the write buffer dies at seal
+        buf[0] = 0
+    pinned = store.get(oid(1))
+    assert bytes(pinned) == b"hello world"
+    assert pinned.metadata == b"meta"
+    assert pinned.address % 64 == 0
+    assert store.stats()["pinned_objects"] == 1
+    pinned.release()
+    assert store.stats()["pinned_objects"] == 0
+    store.delete(oid(1))
+    assert not store.contains(oid(1))
+    assert store.stats()["num_objects"] == 0
+
+
+def test_views_are_read_only_and_keep_the_pin(make_store):
+    store = make_store()
+    put(store, oid(1), 64)
+    view = memoryview(store.get(oid(1)))
+    assert view.readonly
+    with pytest.raises(TypeError):
+        view[0] = 1
+    assert store.stats()["pinned_objects"] == 1
+    store.delete(oid(1))                    # deferred: a view is alive
+    assert store.stats()["num_objects"] == 1
+    assert not store.contains(oid(1))
+    assert bytes(view[:3]) == b"xxx"
+    del view
+    assert store.stats()["num_objects"] == 0
+    assert store.stats()["pinned_objects"] == 0
+
+
+def test_release_refused_while_views_alive(make_store):
+    store = make_store()
+    put(store, oid(1), 64)
+    pinned = store.get(oid(1))
+    view = memoryview(pinned)
+    with pytest.raises(ObjectStoreError, match="still alive"):
+        pinned.release()
+    del view
+    pinned.release()
+
+
+def test_delete_then_recreate_same_id_while_old_is_pinned(make_store):
+    store = make_store()
+    put(store, oid(1), 64, b"a")
+    old = store.get(oid(1))
+    store.delete(oid(1))
+    put(store, oid(1), 64, b"b")
+    assert bytes(old)[:1] == b"a"
+    assert bytes(store.get(oid(1)))[:1] == b"b"
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_unknown_id(make_store):
+    store = make_store()
+    with pytest.raises(ObjectNotFoundError, match="not in object store"):
+        store.get(oid(9))
+    with pytest.raises(ObjectNotFoundError):
+        store.delete(oid(9))
+    with pytest.raises(ObjectNotFoundError):
+        store.seal(oid(9))
+
+
+def test_double_seal_and_double_create(make_store):
+    store = make_store()
+    put(store, oid(1), 10)
+    with pytest.raises(ObjectStoreError, match="already sealed"):
+        store.seal(oid(1))
+    with pytest.raises(ObjectExistsError):
+        store.create_object(oid(1), 10)
+
+
+def test_reading_unsealed_object(make_store):
+    store = make_store()
+    store.create_object(oid(1), 10)
+    with pytest.raises(ObjectStoreError, match="not sealed"):
+        store.get(oid(1))
+    assert not store.contains(oid(1))
+    with pytest.raises(ObjectStoreError, match="being created"):
+        store.delete(oid(1))
+    store.abort(oid(1))
+    assert store.stats()["num_objects"] == 0
+
+
+def test_release_twice(make_store):
+    store = make_store()
+    put(store, oid(1), 10)
+    pinned = store.get(oid(1))
+    pinned.release()
+    with pytest.raises(ObjectStoreError, match="already released"):
+        pinned.release()
+    with pytest.raises(ObjectStoreError, match="released"):
+        memoryview(pinned)
+
+
+@pytest.mark.parametrize("size, error", [
+    (-1, ValueError), (2 ** 70, ObjectStoreFullError), (1.5, TypeError), (True, TypeError),
+])
+def test_bad_sizes(make_store, size, error):
+    store = make_store()
+    with pytest.raises(error):
+        store.create_object(oid(1), size)
+    assert store.stats()["num_objects"] == 0
+
+
+def test_bad_ids(make_store):
+    store = make_store()
+    with pytest.raises(ValueError, match="20 bytes"):
+        store.create_object(b"short", 1)
+    with pytest.raises(TypeError, match="bytes"):
+        store.get("a string id")
+
+
+def test_bad_store_arguments(store_name):
+    with pytest.raises(ValueError, match="too small"):
+        SharedStore.create(store_name, 100)
+    with pytest.raises(ValueError, match="invalid"):
+        SharedStore.create("../etc/passwd", 1 << 20)
+    with pytest.raises(ObjectStoreFullError, match="free"):
+        SharedStore.create(store_name, 1 << 50)
+    assert not os.path.exists(f"/dev/shm/{store_name}")
+
+
+def test_object_bigger_than_store_names_both_sizes(make_store):
+    store = make_store(1 << 20)
+    with pytest.raises(ObjectStoreFullError) as info:
+        store.create_object(oid(1), 5 << 20)
+    assert str(5 << 20) in str(info.value)
+    assert str(store.capacity) in str(info.value)
+    assert "never fit" in str(info.value)
+
+
+def test_attach_missing_foreign_and_damaged(store_name, make_store):
+    with pytest.raises(StoreAttachError, match="no object store"):
+        SharedStore.attach(store_name)
+    path = f"/dev/shm/{store_name}"
+    with open(path, "wb") as f:
+        f.write(os.urandom(1 << 16))
+    with pytest.raises(StoreAttachError, match="not a minray object store"):
+        SharedStore.attach(store_name)
+    with open(path, "wb") as f:
+        f.write(b"tiny")
+    with pytest.raises(StoreAttachError, match="bytes long"):
+        SharedStore.attach(store_name)
+    os.unlink(path)
+    store = make_store()
+    with open(path, "r+b") as f:       # flip a byte inside the layout fields
+        f.seek(40)
+        byte = f.read(1)
+        f.seek(40)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(StoreAttachError, match="damaged"):
+        SharedStore.attach(store_name)
+    with open(path, "r+b") as f:       # restore, then truncate the file
+        f.seek(40)
+        f.write(byte)
+        f.truncate(store.layout()["file_size"] - 4096)
+    with pytest.raises(StoreAttachError, match="damaged"):
+        SharedStore.attach(store_name)
+
+
+def test_closed_store_refuses_operations(make_store):
+    store = make_store()
+    store.close()
+    with pytest.raises(ObjectStoreError, match="closed"):
+        store.get(oid(1))
+    assert not os.path.exists(store.path)
+
+
+# ---------------------------------------------------------------- allocator
+
+def test_exact_fit_of_whole_store(make_store):
+    store = make_store(1 << 20)
+    put(store, oid(1), store.capacity)
+    stats = store.stats()
+    assert stats["largest_free"] == 0 and stats["free"] == 0
+    with pytest.raises(ObjectStoreFullError):
+        pinned = store.get(oid(1))
+        store.create_object(oid(2), 1)
+    del pinned
+    store.delete(oid(1))
+    assert store.stats()["largest_free"] == store.capacity
+
+
+def test_blocks_are_aligned_and_sized_to_64(make_store):
+    store = make_store()
+    for i, size in enumerate([1, 63, 64, 65, 1000, 4097]):
+        put(store, oid(i), size)
+        assert store.get(oid(i)).address % 64 == 0
+        assert store.block_capacity(oid(i)) >= size
+        assert store.block_capacity(oid(i)) - size < 64 + 32
+
+
+def test_coalescing_restores_one_block(make_store):
+    store = make_store(1 << 20)
+    sizes = [1000, 20000, 300, 70000, 5000]
+    for i, size in enumerate(sizes):
+        put(store, oid(i), size)
+    for i in (1, 3, 0, 4, 2):            # free in an order that needs both merges
+        store.delete(oid(i))
+    stats = store.stats()
+    assert stats["free_blocks"] == 1
+    assert stats["largest_free"] == store.capacity
+
+
+def test_fragmentation_is_resolved_by_eviction(make_store):
+    store = make_store(1 << 20)
+    n = 0
+    while store.stats()["evictions"] == 0:     # fill with 8 KB objects
+        put(store, oid(n), 8 << 10)
+        n += 1
+    pins = [store.get(oid(i)) for i in range(n) if i % 2 == 0 and store.contains(oid(i))]
+    # Every other object pinned: free space is fragmented into 8 KB holes.
+    big = 64 << 10
+    with pytest.raises(ObjectStoreFullError, match="pinned"):
+        store.create_object(oid(10 ** 6), store.capacity // 2 + 1)
+    del pins
+    put(store, oid(10 ** 6), big)
+    assert store.contains(oid(10 ** 6))
+
+
+def test_everything_pinned_raises_instead_of_hanging(make_store):
+    store = make_store(1 << 20)
+    put(store, oid(1), 600 << 10)
+    pinned = store.get(oid(1))
+    with pytest.raises(ObjectStoreFullError, match="pinned") as info:
+        store.create_object(oid(2), 600 << 10)
+    assert str(600 << 10) in str(info.value)
+    del pinned
+    put(store, oid(2), 600 << 10)          # now oid(1) is evicted instead
+    assert not store.contains(oid(1))
+
+
+def test_object_table_full(make_store):
+    store = make_store(1 << 20, max_objects=4)
+    pins = []
+    for i in range(4):
+        put(store, oid(i), 10)
+        pins.append(store.get(oid(i)))
+    with pytest.raises(ObjectStoreFullError, match="maximum of 4 objects"):
+        store.create_object(oid(9), 10)
+    pins.pop(0)
+    put(store, oid(9), 10)                 # the unpinned one is evicted
+    assert not store.contains(oid(0))
+
+
+# ---------------------------------------------------------------- eviction
+
+def test_eviction_is_least_recently_used(make_store):
+    store = make_store(1 << 20)
+    size = 250 << 10
+    for i in range(4):
+        put(store, oid(i), size)
+    store.get(oid(0)).release()            # touch 0: now most recent
+    assert store.lru_order() == [oid(1), oid(2), oid(3), oid(0)]
+    put(store, oid(4), size)               # needs one eviction: oid(1)
+    assert not store.contains(oid(1))
+    assert all(store.contains(oid(i)) for i in (0, 2, 3, 4))
+    put(store, oid(5), 2 * size)           # next: oid(2), oid(3)
+    assert [store.contains(oid(i)) for i in range(6)] == [True, False, False, False, True, True]
+    assert store.stats()["evictions"] == 3
+
+
+def test_pinned_objects_are_never_evicted(make_store):
+    store = make_store(1 << 20)
+    put(store, oid(0), 300 << 10)
+    keep = store.get(oid(0))
+    for i in range(1, 20):
+        put(store, oid(i), 300 << 10)
+    assert store.contains(oid(0))
+    assert bytes(keep)[:3] == b"xxx"
+
+
+# ---------------------------------------------------------------- processes
+
+def test_many_processes_create_and_read_at_once(make_store, store_name):
+    store = make_store(64 << 20)
+    code = """
+        import hashlib, os, sys
+        from minray.object_store import SharedStore
+        name, me, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+        store = SharedStore.attach(name)
+        def oid(p, i): return bytes([p]) * 4 + i.to_bytes(16, "big")
+        for i in range(n):
+            data = hashlib.sha256(bytes([me]) + i.to_bytes(4, "big")).digest() * (1 + i % 50)
+            store.put(oid(me, i), data)
+        # read everybody's objects, spinning until they exist
+        seen = 0
+        for other in range(4):
+            for i in range(n):
+                while not store.contains(oid(other, i)):
+                    pass
+                want = hashlib.sha256(bytes([other]) + i.to_bytes(4, "big")).digest() * (1 + i % 50)
+                assert bytes(store.get(oid(other, i))) == want, (other, i)
+                seen += 1
+        print(seen)
+        store.close()
+    """
+    procs = [python_child(code, store_name, p, 300, stdout=subprocess.PIPE) for p in range(4)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4
+    assert [int(o) for o in outs] == [1200] * 4
+    stats = store.stats()
+    assert stats["num_objects"] == 1200
+    assert stats["pinned_objects"] == 0
+    assert stats["num_clients"] == 1
+
+
+def test_pin_held_in_another_process(make_store, store_name):
+    store = make_store()
+    put(store, oid(1), 1000)
+    child = python_child("""
+        import sys
+        from minray.object_store import SharedStore
+        store = SharedStore.attach(sys.argv[1])
+        view = store.get(bytes.fromhex(sys.argv[2]))
+        print("pinned", flush=True)
+        sys.stdin.readline()
+        del view
+        print("released", flush=True)
+        sys.stdin.readline()
+    """, store_name, oid(1).hex(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "pinned"
+    assert store.stats()["pinned_objects"] == 1
+    store.delete(oid(1))
+    assert store.stats()["num_objects"] == 1     # kept for the reader
+    child.stdin.write("\n")
+    child.stdin.flush()
+    assert child.stdout.readline().strip() == "released"
+    assert store.stats()["num_objects"] == 0
+    child.stdin.write("\n")
+    child.stdin.close()
+    assert child.wait(timeout=30) == 0
+
+
+def test_reader_killed_while_holding_a_pin(make_store, store_name):
+    store = make_store(1 << 20)
+    put(store, oid(1), 700 << 10)
+    child = python_child("""
+        import sys, time
+        from minray.object_store import SharedStore
+        store = SharedStore.attach(sys.argv[1])
+        view = store.get(bytes.fromhex(sys.argv[2]))
+        store.create_object(bytes(20), 1000)      # unsealed, never finished
+        print("pinned", flush=True)
+        time.sleep(600)
+    """, store_name, oid(1).hex(), stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "pinned"
+    assert store.stats()["pinned_objects"] == 1
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+    # Space pressure reaps the dead reader: its pin and unsealed object go.
+    put(store, oid(2), 700 << 10)
+    stats = store.stats()
+    assert stats["pinned_objects"] == 0
+    assert stats["num_clients"] == 1
+    assert not store.contains(oid(1))
+    assert stats["num_objects"] == 1
+
+
+def test_reap_dead_clients_explicitly(make_store, store_name):
+    store = make_store()
+    put(store, oid(1), 10)
+    child = python_child("""
+        import os, sys
+        from minray.object_store import SharedStore
+        store = SharedStore.attach(sys.argv[1])
+        view = store.get(bytes.fromhex(sys.argv[2]))
+        os._exit(0)                                # no cleanup at all
+    """, store_name, oid(1).hex())
+    assert child.wait(timeout=30) == 0
+    assert store.stats()["pinned_objects"] == 1
+    assert store.reap_dead_clients() == 1
+    assert store.stats()["pinned_objects"] == 0
+    assert store.reap_dead_clients() == 0
+
+
+def test_process_dying_inside_the_lock_is_recovered(make_store, store_name):
+    store = make_store()
+    put(store, oid(1), 10)
+    child = python_child("""
+        import os, sys
+        from minray.object_store import SharedStore
+        store = SharedStore.attach(sys.argv[1])   # stays mapped until exit,
+        store._lock_and_abandon()                 # as in a real crash
+        os._exit(0)
+    """, store_name)
+    assert child.wait(timeout=30) == 0
+    assert bytes(store.get(oid(1))) == b"x" * 10     # does not hang
+    put(store, oid(2), 10)
+    assert store.stats()["lock_recoveries"] == 1
+
+
+def test_damage_left_by_a_dying_process_is_reported(make_store, store_name):
+    store = make_store()
+    put(store, oid(1), 10)
+    layout = store.layout()
+    child = python_child("""
+        import os, sys
+        from minray.object_store import SharedStore
+        s = SharedStore.attach(sys.argv[1])
+        s._lock_and_abandon()
+        with open(s.path, "r+b") as f:           # wreck the first block header
+            f.seek(int(sys.argv[2]) + 32)
+            f.write(b"\\x01" * 8)
+        os._exit(0)
+    """, store_name, layout["data_offset"])
+    assert child.wait(timeout=30) == 0
+    with pytest.raises(StoreAttachError, match="damaged"):
+        store.get(oid(1))
+
+
+def test_forked_child_cannot_use_parent_handle(make_store):
+    store = make_store()
+    put(store, oid(1), 10)
+    view = store.get(oid(1))
+    pid = os.fork()
+    if pid == 0:
+        try:
+            store.get(oid(1))
+            code = 1
+        except ObjectStoreError:
+            code = 0
+        del view                    # must not drop the parent's pin
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.stats()["pinned_objects"] == 1
+    del view
+    assert store.stats()["pinned_objects"] == 0
+
+
+def test_close_with_live_views_keeps_them_valid(store_name):
+    store = SharedStore.create(store_name, 1 << 20)
+    put(store, oid(1), 100, b"z")
+    view = memoryview(store.get(oid(1)))
+    reader = SharedStore.attach(store_name)
+    store.close()
+    assert bytes(view[:2]) == b"zz"
+    assert reader.stats()["num_clients"] == 2    # owner still holds a pin
+    del view
+    assert reader.stats()["num_clients"] == 1
+    reader.close()
