@@ -1,0 +1,131 @@
+"""Starts the control store's shard server processes and restarts them if they die."""
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from minray.gcs.server import address_file, read_address
+from minray.gcs.storage import DEFAULT_MAP_BYTES, DEFAULT_MAX_MAP_BYTES
+
+log = logging.getLogger("minray.gcs")
+START_TIMEOUT_S = 30.0
+
+
+class GcsStartError(RuntimeError):
+    pass
+
+
+class GcsProcesses:
+    """The shard servers of one session.
+
+    By default one process serves every shard (one event loop, one core: the
+    measured best on a 2-core machine, docs/control-store.md); pass
+    shards_per_process=1 to give each shard its own process and core.
+    """
+
+    def __init__(self, session_dir, num_shards=1, shards_per_process=None, host="127.0.0.1",
+                 map_bytes=DEFAULT_MAP_BYTES, max_map_bytes=DEFAULT_MAX_MAP_BYTES,
+                 restart=True, watch_parent=True):
+        if not isinstance(num_shards, int) or num_shards < 1:
+            raise ValueError(f"num_gcs_shards must be a positive int, got {num_shards!r}")
+        self.session_dir = session_dir
+        self.num_shards = num_shards
+        per = shards_per_process or num_shards
+        self.groups = [list(range(i, min(i + per, num_shards))) for i in range(0, num_shards, per)]
+        self.host = host
+        self.map_bytes = map_bytes
+        self.max_map_bytes = max_map_bytes
+        self.restart = restart
+        self.watch_parent = watch_parent
+        self.ports = [0] * num_shards
+        self.processes = [None] * len(self.groups)
+        self.restarts = 0
+        self._stopping = False
+        self._lock = threading.Lock()
+        os.makedirs(os.path.join(session_dir, "gcs"), mode=0o700, exist_ok=True)
+        os.makedirs(os.path.join(session_dir, "logs"), mode=0o700, exist_ok=True)
+
+    @property
+    def addresses(self):
+        return [(self.host, port) for port in self.ports]
+
+    def start(self):
+        for index in range(len(self.groups)):
+            self._spawn(index)
+        for index in range(len(self.groups)):
+            self._wait_ready(index)
+            threading.Thread(target=self._watch, args=(index,), daemon=True,
+                             name=f"minray-gcs-watch-{index}").start()
+        return self
+
+    def _spawn(self, index):
+        shards = self.groups[index]
+        for shard in shards:
+            try:
+                os.unlink(address_file(self.session_dir, shard))
+            except FileNotFoundError:
+                pass
+        cmd = [sys.executable, "-m", "minray.gcs.server", "--session-dir", self.session_dir,
+               "--shards", ",".join(map(str, shards)),
+               "--ports", ",".join(str(self.ports[s]) for s in shards),
+               "--host", self.host, "--map-bytes", str(self.map_bytes),
+               "--max-map-bytes", str(self.max_map_bytes)]
+        if self.watch_parent:
+            cmd += ["--parent-pid", str(os.getpid())]
+        log_path = os.path.join(self.session_dir, "logs", f"gcs-{index}.log")
+        with open(log_path, "ab") as log_file:
+            self.processes[index] = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                start_new_session=True)
+
+    def _wait_ready(self, index):
+        proc = self.processes[index]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for shard in self.groups[index]:
+            path = address_file(self.session_dir, shard)
+            while not os.path.exists(path):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise GcsStartError(
+                        f"control store shard {shard} did not start "
+                        f"(exit code {proc.poll()}); see "
+                        f"{os.path.join(self.session_dir, 'logs', f'gcs-{index}.log')}")
+                time.sleep(0.005)
+            self.ports[shard] = read_address(self.session_dir, shard)[1]
+
+    def _watch(self, index):
+        while True:
+            proc = self.processes[index]
+            code = proc.wait()
+            with self._lock:
+                if self._stopping or not self.restart:
+                    return
+                log.warning("control store shards %s exited with %s; restarting",
+                            self.groups[index], code)
+                self.restarts += 1
+                self._spawn(index)
+            try:
+                self._wait_ready(index)
+            except GcsStartError as exc:
+                log.error("%s", exc)
+                return
+
+    def pids(self):
+        return [p.pid for p in self.processes if p is not None]
+
+    def stop(self, timeout=5.0):
+        with self._lock:
+            self._stopping = True
+        for proc in self.processes:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.processes:
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,45 @@
+"""A cluster session: its directory, id and secret token.
+
+The head node makes the session directory (logs, LMDB files, sockets) and a
+random token in a 0600 file inside it. Every connection proves it holds the
+token (minray.wire), so only processes that can read that file, or were
+handed the token, can talk to the cluster.
+"""
+import os
+import secrets
+import time
+
+SESSION_ROOT = os.environ.get("MINRAY_SESSION_ROOT", "/tmp/minray")
+TOKEN_FILE = "token"
+
+
+def new_session_id():
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def create_session_dir(session_id=None, root=None):
+    """Create a fresh session directory with its token; return its path."""
+    root = root or SESSION_ROOT
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    path = os.path.join(root, f"session-{session_id or new_session_id()}")
+    os.makedirs(path, mode=0o700)
+    write_token(path, secrets.token_bytes(32))
+    return path
+
+
+def write_token(session_dir, token):
+    fd = os.open(os.path.join(session_dir, TOKEN_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token.hex())
+
+
+def read_token(session_dir):
+    path = os.path.join(session_dir, TOKEN_FILE)
+    try:
+        with open(path) as f:
+            return bytes.fromhex(f.read().strip())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no cluster token at {path}: is this a minray session directory?") from None
+    except ValueError:
+        raise ValueError(f"the cluster token in {path} is damaged") from None

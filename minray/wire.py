@@ -1,0 +1,164 @@
+"""Framing and authentication for every minray connection (TCP or Unix socket).
+
+Handshake, before anything else crosses the connection:
+
+    server -> client   b"MRAY" | version (1 byte) | server nonce (32 bytes)
+    client -> server   client nonce (32) | HMAC(token, "client" | server nonce | client nonce)
+    server -> client   HMAC(token, "server" | client nonce | server nonce)
+
+Both sides prove they hold the cluster token, so neither unpickles a byte from
+an impostor. Only fixed-size raw bytes are read before that. Afterwards every
+message is a frame: a 4-byte little-endian length and a pickle of plain data
+(tuples, lists, dicts, bytes, str, numbers, None), read with an unpickler that
+refuses every global, so even an authenticated peer cannot make us run code.
+"""
+import hashlib
+import hmac
+import io
+import os
+import pickle
+import socket
+import struct
+
+PROTOCOL_VERSION = 1
+HELLO_MAGIC = b"MRAY"
+NONCE_SIZE = 32
+DIGEST_SIZE = 32
+HELLO_SIZE = len(HELLO_MAGIC) + 1 + NONCE_SIZE
+REPLY_SIZE = NONCE_SIZE + DIGEST_SIZE
+FRAME_HEADER = struct.Struct("<I")
+MAX_FRAME = 1 << 30              # larger length prefixes drop the peer
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class AuthenticationError(ConnectionError):
+    """The peer did not prove it holds the cluster token."""
+
+
+class ProtocolError(ConnectionError):
+    """The peer sent bytes that are not a valid minray frame."""
+
+
+def _mac(token, label, first, second):
+    return hmac.new(token, label + first + second, hashlib.sha256).digest()
+
+
+def server_hello():
+    nonce = os.urandom(NONCE_SIZE)
+    return nonce, HELLO_MAGIC + bytes([PROTOCOL_VERSION]) + nonce
+
+
+def check_client_reply(token, server_nonce, reply):
+    """Verify the client's proof; return the server's proof to send back."""
+    if len(reply) != REPLY_SIZE:
+        raise AuthenticationError("short authentication reply")
+    client_nonce, proof = reply[:NONCE_SIZE], reply[NONCE_SIZE:]
+    if not hmac.compare_digest(proof, _mac(token, b"client", server_nonce, client_nonce)):
+        raise AuthenticationError("wrong cluster token")
+    return _mac(token, b"server", client_nonce, server_nonce)
+
+
+def client_reply(token, hello):
+    """Answer a server hello; return (reply bytes, expected server proof)."""
+    if len(hello) != HELLO_SIZE or not hello.startswith(HELLO_MAGIC):
+        raise ProtocolError("the peer is not a minray service (bad hello)")
+    if hello[len(HELLO_MAGIC)] != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"the peer speaks minray protocol {hello[len(HELLO_MAGIC)]}, we speak "
+            f"{PROTOCOL_VERSION}: run the same minray version everywhere")
+    server_nonce = hello[len(HELLO_MAGIC) + 1:]
+    client_nonce = os.urandom(NONCE_SIZE)
+    proof = _mac(token, b"client", server_nonce, client_nonce)
+    return client_nonce + proof, _mac(token, b"server", client_nonce, server_nonce)
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        raise ProtocolError(f"frame refers to {module}.{name}: only plain data is accepted")
+
+
+def encode(message):
+    payload = pickle.dumps(message, protocol=5)
+    return FRAME_HEADER.pack(len(payload)) + payload
+
+
+def decode(payload):
+    try:
+        return _PlainDataUnpickler(io.BytesIO(payload)).load()
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"undecodable frame: {exc}") from None
+
+
+def split_frames(buffer):
+    """Yield complete frame payloads from a bytearray, consuming them.
+
+    Raises ProtocolError on a length prefix over MAX_FRAME.
+    """
+    start = 0
+    end = len(buffer)
+    while end - start >= FRAME_HEADER.size:
+        (length,) = FRAME_HEADER.unpack_from(buffer, start)
+        if length > MAX_FRAME:
+            raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME} byte limit")
+        if end - start - FRAME_HEADER.size < length:
+            break
+        body_start = start + FRAME_HEADER.size
+        yield bytes(buffer[body_start:body_start + length])
+        start = body_start + length
+    del buffer[:start]
+
+
+# ---------------------------------------------------------------- blocking side
+
+def recv_exact(sock, n):
+    chunks = bytearray()
+    while len(chunks) < n:
+        chunk = sock.recv(n - len(chunks))
+        if not chunk:
+            raise ConnectionResetError("connection closed by the peer")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def connect(address, token, timeout=HANDSHAKE_TIMEOUT_S):
+    """Open an authenticated blocking socket to a minray service.
+
+    `address` is (host, port) for TCP or a filesystem path for a Unix socket.
+    """
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        reply, expected = client_reply(token, recv_exact(sock, HELLO_SIZE))
+        sock.sendall(reply)
+        if not hmac.compare_digest(recv_exact(sock, DIGEST_SIZE), expected):
+            raise AuthenticationError("the service failed to prove it holds the cluster token")
+        sock.settimeout(None)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+class FrameReader:
+    """Reads frames from a blocking socket, buffering partial reads."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = bytearray()
+        self.ready = []
+
+    def read(self):
+        while not self.ready:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionResetError("connection closed by the peer")
+            self.buffer += chunk
+            self.ready.extend(split_frames(self.buffer))
+        return decode(self.ready.pop(0))
