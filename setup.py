@@ -48,6 +48,6 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["minray = minray.scripts.cli:main"]},
     zip_safe=False,
 )

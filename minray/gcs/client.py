@@ -289,11 +289,22 @@ class GcsClient:
         self._flusher.start()
 
     @classmethod
-    def from_session(cls, session_dir, num_shards, **kwargs):
-        from minray.gcs.server import read_address
+    def from_session(cls, session_dir, **kwargs):
+        """Connect to the control store of a session directory on this machine."""
+        from minray.gcs.supervisor import read_shard_map
         from minray.session import read_token
-        return cls([read_address(session_dir, i) for i in range(num_shards)],
-                   read_token(session_dir), **kwargs)
+        return cls(read_shard_map(session_dir), read_token(session_dir), **kwargs)
+
+    @classmethod
+    def connect(cls, address, token, **kwargs):
+        """Connect given any one shard's (host, port): it tells where the others are."""
+        first = _Shard(tuple(address), token, kwargs.get("reconnect_timeout",
+                                                         DEFAULT_RECONNECT_TIMEOUT_S))
+        try:
+            addresses = [tuple(a) for a in first.request("shards", ())]
+        finally:
+            first.close()
+        return cls(addresses, token, **kwargs)
 
     @property
     def num_shards(self):

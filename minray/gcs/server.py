@@ -17,6 +17,7 @@ are (request_id, ok, result) in request order; pushes to subscribers are
     unsub (table, key | None)          -> None
     pub   [(table, key, value), ...]   -> count      push only, nothing stored
     info  ()                           -> shard number, entries per table, map size
+    shards ()                          -> [[host, port], ...] of every shard
 """
 import argparse
 import asyncio
@@ -61,9 +62,10 @@ def _check_key(key):
 class Shard:
     """One shard: its storage and its subscribers."""
 
-    def __init__(self, number, storage):
+    def __init__(self, number, storage, session_dir):
         self.number = number
         self.storage = storage
+        self.session_dir = session_dir
         self.table_subscribers = {}       # table -> set of connections
         self.key_subscribers = {}         # (table, key) -> set of connections
 
@@ -141,6 +143,10 @@ class Shard:
             _check_key(key)
         self.publish(items)
         return len(items)
+
+    def op_shards(self, conn, args):
+        from minray.gcs.supervisor import read_shard_map
+        return [list(address) for address in read_shard_map(self.session_dir)]
 
     def op_info(self, conn, args):
         return {"shard": self.number, "entries": self.storage.counts(),
@@ -255,7 +261,7 @@ async def serve(session_dir, shards, ports, host, map_bytes, max_map_bytes, fsyn
         storage = ShardStorage(shard_dir(session_dir, number), number, map_bytes,
                                max_map_bytes, fsync)
         storages.append(storage)
-        shard = Shard(number, storage)
+        shard = Shard(number, storage, session_dir)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

@@ -18,6 +18,28 @@ class GcsStartError(RuntimeError):
     pass
 
 
+def shard_map_file(session_dir):
+    return os.path.join(session_dir, "gcs", "shards")
+
+
+def write_shard_map(session_dir, addresses):
+    """Record every shard's address, in shard order, for clients to find."""
+    path = shard_map_file(session_dir)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(f"{host}:{port}\n" for host, port in addresses)
+    os.replace(path + ".tmp", path)
+
+
+def read_shard_map(session_dir):
+    try:
+        with open(shard_map_file(session_dir)) as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no control store in {session_dir}: the head node is not running there") from None
+    return [(host, int(port)) for host, port in (line.rsplit(":", 1) for line in lines)]
+
+
 class GcsProcesses:
     """The shard servers of one session.
 
@@ -57,6 +79,8 @@ class GcsProcesses:
             self._spawn(index)
         for index in range(len(self.groups)):
             self._wait_ready(index)
+        write_shard_map(self.session_dir, self.addresses)
+        for index in range(len(self.groups)):
             threading.Thread(target=self._watch, args=(index,), daemon=True,
                              name=f"minray-gcs-watch-{index}").start()
         return self

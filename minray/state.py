@@ -1,0 +1,79 @@
+"""Look inside a running cluster: what the control store knows right now.
+
+    minray.state.tasks()    minray.state.objects()   minray.state.actors()
+    minray.state.nodes()    minray.state.errors()    minray.state.jobs()
+
+Each returns a list of dicts (one per row, with its key as ``id`` in hex).
+From a shell: ``minray list tasks`` prints the same as a table.
+"""
+from minray.gcs.tables import TABLES
+
+DEFAULT_LIMIT = 1000
+
+
+def _default_client():
+    try:
+        from minray.api import _runtime_gcs_client
+    except ImportError:
+        _runtime_gcs_client = None
+    client = _runtime_gcs_client() if _runtime_gcs_client else None
+    if client is None:
+        raise RuntimeError(
+            "not connected to a cluster: call minray.init() first, or pass client=GcsClient(...)")
+    return client
+
+
+def rows(table, client=None, limit=DEFAULT_LIMIT, prefix=b""):
+    """Rows of any control-store table as dicts with an ``id`` field."""
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}; tables are {', '.join(TABLES)}")
+    client = client or _default_client()
+    out = []
+    for key, value in client.scan(table, prefix=prefix, limit=limit):
+        row = {"id": key.hex()}
+        row.update(value if isinstance(value, dict) else {"value": value})
+        out.append(row)
+    return out
+
+
+def tasks(client=None, limit=DEFAULT_LIMIT):
+    return rows("tasks", client, limit)
+
+
+def objects(client=None, limit=DEFAULT_LIMIT):
+    return rows("objects", client, limit)
+
+
+def actors(client=None, limit=DEFAULT_LIMIT):
+    return rows("actors", client, limit)
+
+
+def nodes(client=None, limit=DEFAULT_LIMIT):
+    return rows("nodes", client, limit)
+
+
+def errors(client=None, limit=DEFAULT_LIMIT):
+    return rows("errors", client, limit)
+
+
+def jobs(client=None, limit=DEFAULT_LIMIT):
+    return rows("jobs", client, limit)
+
+
+def format_table(records, max_width=40):
+    """Render dict rows as an aligned text table (columns in first-seen order)."""
+    if not records:
+        return "(no rows)"
+    columns = []
+    for record in records:
+        columns.extend(c for c in record if c not in columns)
+
+    def cell(value):
+        text = value.hex() if isinstance(value, bytes) else str(value)
+        return text if len(text) <= max_width else text[:max_width - 1] + "…"
+
+    cells = [[cell(r.get(c, "")) for c in columns] for r in records]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
