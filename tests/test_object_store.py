@@ -475,3 +475,15 @@ def test_close_with_live_views_keeps_them_valid(store_name):
     del view
     assert reader.stats()["num_clients"] == 1
     reader.close()
+
+
+@pytest.mark.parametrize("power", [20, 22])
+def test_object_of_a_class_boundary_fits_an_empty_store(store_name, power):
+    # Capacity 2**k + 2**(k-4): the request rounds up to a size class above
+    # the only free block, which still fits it (regression test).
+    store = SharedStore.create(store_name, (1 << power) + (1 << (power - 4)))
+    try:
+        put(store, oid(1), 1 << power)
+        assert store.contains(oid(1))
+    finally:
+        store.close()
