@@ -9,7 +9,8 @@ import os
 import secrets
 import time
 
-SESSION_ROOT = os.environ.get("MINRAY_SESSION_ROOT", "/tmp/minray")
+# Not "/tmp/minray": run from /tmp, that directory would shadow the package.
+SESSION_ROOT = os.environ.get("MINRAY_SESSION_ROOT", "/tmp/minray-sessions")
 TOKEN_FILE = "token"
 
 

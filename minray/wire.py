@@ -5,6 +5,7 @@ Handshake, before anything else crosses the connection:
     server -> client   b"MRAY" | version (1 byte) | server nonce (32 bytes)
     client -> server   client nonce (32) | HMAC(token, "client" | server nonce | client nonce)
     server -> client   HMAC(token, "server" | client nonce | server nonce)
+                       (or REJECTED, then close, when the client's proof is wrong)
 
 Both sides prove they hold the cluster token, so neither unpickles a byte from
 an impostor. Only fixed-size raw bytes are read before that. Afterwards every
@@ -29,6 +30,9 @@ REPLY_SIZE = NONCE_SIZE + DIGEST_SIZE
 FRAME_HEADER = struct.Struct("<I")
 MAX_FRAME = 1 << 30              # larger length prefixes drop the peer
 HANDSHAKE_TIMEOUT_S = 10.0
+# Sent instead of the server's proof when the client's proof is wrong, so the
+# client can tell "wrong token" from a connection that merely broke.
+REJECTED = b"MRAY-REJECTED".ljust(DIGEST_SIZE, b"\0")
 
 
 class AuthenticationError(ConnectionError):
@@ -137,7 +141,11 @@ def connect(address, token, timeout=HANDSHAKE_TIMEOUT_S):
         sock.connect(address)
         reply, expected = client_reply(token, recv_exact(sock, HELLO_SIZE))
         sock.sendall(reply)
-        if not hmac.compare_digest(recv_exact(sock, DIGEST_SIZE), expected):
+        server_proof = recv_exact(sock, DIGEST_SIZE)
+        if server_proof == REJECTED:
+            raise AuthenticationError(
+                "the service rejected our cluster token (wrong token, or another cluster's)")
+        if not hmac.compare_digest(server_proof, expected):
             raise AuthenticationError("the service failed to prove it holds the cluster token")
         sock.settimeout(None)
         return sock
@@ -162,3 +170,109 @@ class FrameReader:
             self.buffer += chunk
             self.ready.extend(split_frames(self.buffer))
         return decode(self.ready.pop(0))
+
+
+# ---------------------------------------------------------------- asyncio side
+
+class FramedServerProtocol:
+    """asyncio protocol: handshake first, then frames to message_received().
+
+    Outgoing messages are queued and written once per event-loop iteration,
+    so a burst of replies costs one system call. Subclasses implement
+    message_received(message) and may override authenticated() and lost().
+    """
+
+    def __init__(self, token, name="service"):
+        self.token = token
+        self.name = name
+        self.transport = None
+        self.is_authenticated = False
+        self.buffer = bytearray()
+        self.peer = "?"
+        self.nonce = None
+        self.handshake_timer = None
+        self.outbox = []
+        self.closed = False
+
+    def connection_made(self, transport):
+        import asyncio
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername") or "unix socket"
+        self.nonce, hello = server_hello()
+        transport.write(hello)
+        self.handshake_timer = asyncio.get_running_loop().call_later(
+            HANDSHAKE_TIMEOUT_S, self._handshake_timeout)
+
+    def _handshake_timeout(self):
+        if not self.is_authenticated:
+            self.drop("no authentication within the handshake timeout")
+
+    def drop(self, reason):
+        import logging
+        logging.getLogger(f"minray.{self.name}").warning(
+            "%s: dropping connection from %s: %s", self.name, self.peer, reason)
+        self.transport.abort()
+
+    def reject(self, reason):
+        """Tell a peer with a wrong token so (it must not retry), then close."""
+        import logging
+        logging.getLogger(f"minray.{self.name}").warning(
+            "%s: rejecting connection from %s: %s", self.name, self.peer, reason)
+        self.transport.write(REJECTED)
+        self.transport.close()
+
+    def connection_lost(self, exc):
+        self.closed = True
+        if self.handshake_timer:
+            self.handshake_timer.cancel()
+        self.lost()
+
+    def lost(self):
+        pass
+
+    def authenticated(self):
+        pass
+
+    def send(self, message):
+        if self.closed:
+            return
+        if not self.outbox:
+            import asyncio
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.outbox.append(encode(message))
+
+    def _flush(self):
+        if self.outbox and not self.closed:
+            self.transport.write(b"".join(self.outbox))
+        self.outbox.clear()
+
+    def data_received(self, data):
+        self.buffer += data
+        if not self.is_authenticated:
+            if len(self.buffer) < REPLY_SIZE:
+                return
+            reply = bytes(self.buffer[:REPLY_SIZE])
+            del self.buffer[:REPLY_SIZE]
+            try:
+                proof = check_client_reply(self.token, self.nonce, reply)
+            except AuthenticationError as exc:
+                self.reject(str(exc))
+                return
+            self.is_authenticated = True
+            self.handshake_timer.cancel()
+            self.transport.write(proof)
+            self.authenticated()
+        try:
+            for payload in split_frames(self.buffer):
+                self.message_received(decode(payload))
+        except ProtocolError as exc:
+            self.drop(str(exc))
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self):
+        pass
+
+    def resume_writing(self):
+        pass

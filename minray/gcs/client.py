@@ -24,6 +24,10 @@ log = logging.getLogger("minray.gcs")
 DEFAULT_BATCH = 1000
 DEFAULT_FLUSH_DELAY_S = 0.002
 DEFAULT_RECONNECT_TIMEOUT_S = 30.0
+# Write batches sent but not yet acknowledged are kept for re-sending after a
+# reconnect; past this many, the sender waits for acknowledgements first.
+MAX_UNACKED_BATCHES = 64
+MAX_KEY_BYTES = 511              # LMDB's key size limit
 
 
 class ControlStoreError(Exception):
@@ -109,11 +113,22 @@ class _Shard:
                 log.info("control store shard %s: connection lost (%s), reconnecting",
                          self.conn.address, exc)
 
+    def _send_write(self, batch):
+        # Recorded before sending: a batch whose send fails stays in unacked
+        # and is re-sent after the reconnect instead of being lost.
+        request_id = next(self.conn.ids)
+        self.unacked[request_id] = batch
+        self.conn.sock.sendall(wire.encode((request_id, "write", batch)))
+
     def _resend_unacked(self):
+        # Re-number all of them first, then send, so that a connection failing
+        # half-way leaves every batch in unacked, still in order.
         batches = list(self.unacked.values())
         self.unacked.clear()
         for batch in batches:
-            self.unacked[self.conn.send("write", batch)] = batch
+            self.unacked[next(self.conn.ids)] = batch
+        for request_id, batch in list(self.unacked.items()):
+            self.conn.sock.sendall(wire.encode((request_id, "write", batch)))
 
     def _flush_locked(self):
         if self.resend_unacked:
@@ -121,7 +136,11 @@ class _Shard:
             self._resend_unacked()
         if self.pending:
             batch, self.pending = self.pending, []
-            self.unacked[self.conn.send("write", batch)] = batch
+            self._send_write(batch)
+        # Without this, a client that only writes would keep every batch it
+        # ever sent (nobody reads the acknowledgements).
+        while len(self.unacked) > MAX_UNACKED_BATCHES:
+            self._take_reply(self.conn.reader.read())
 
     def _take_reply(self, message):
         """Consume one reply; return it unless it acknowledged a write batch."""
@@ -140,6 +159,10 @@ class _Shard:
 
     def flush(self, wait=False):
         with self.lock:
+            if not (self.pending or self.resend_unacked or (wait and self.unacked)):
+                self._raise_write_error()    # nothing to send: don't (re)connect
+                return
+
             def action():
                 self._flush_locked()
                 while wait and self.unacked:
@@ -194,8 +217,13 @@ class _SubscriberChannel:
                                        name=f"minray-gcs-sub-{self.shard_number}")
         self.thread.start()
 
-    def call(self, op, args, timeout=10.0):
-        slot = [threading.Event(), None]
+    def call(self, op, args, timeout=10.0, on_reply=None):
+        """Send a request and wait for its reply.
+
+        on_reply(result), if given, runs on the reader thread for a successful
+        reply before any later push is delivered.
+        """
+        slot = [threading.Event(), None, on_reply]
         with self.lock:
             self.conn.ensure()
             request_id = next(self.conn.ids)
@@ -237,6 +265,11 @@ class _SubscriberChannel:
                 continue
             slot = self.waiting.pop(request_id, None)
             if slot is not None:
+                if slot[2] is not None and op_or_ok:
+                    try:
+                        slot[2](result)
+                    except Exception:
+                        log.exception("control store subscriber callback failed")
                 slot[1] = message
                 slot[0].set()
 
@@ -256,10 +289,17 @@ class _SubscriberChannel:
             # Re-subscribe. The replies to key subscriptions carry the current
             # value, delivered like a change, so nothing changed while we were
             # away is missed.
-            for table, key in list(self.subscriptions):
-                request_id = next(self.conn.ids)
-                self.resubscribing[request_id] = (table, key)
-                self.conn.sock.sendall(wire.encode((request_id, "sub", (table, key))))
+            self.resubscribing.clear()
+            try:
+                for table, key in list(self.subscriptions):
+                    request_id = next(self.conn.ids)
+                    self.resubscribing[request_id] = (table, key)
+                    self.conn.sock.sendall(wire.encode((request_id, "sub", (table, key))))
+            except OSError as exc:
+                # The new connection broke too: the reader's next read fails
+                # and brings us back here.
+                log.info("control store shard %d: re-subscribing failed (%s)",
+                         self.shard_number, exc)
 
     def close(self):
         self.closed = True
@@ -314,11 +354,14 @@ class GcsClient:
         return shard_for(key, len(self.shards))
 
     @staticmethod
-    def _check(table, key):
+    def _check(table, key, prefix=False):
         if table not in TABLES:
             raise ValueError(f"unknown table {table!r}; tables are {', '.join(TABLES)}")
         if type(key) is not bytes:
             raise TypeError(f"control store keys are bytes, got {type(key).__name__}")
+        if len(key) > MAX_KEY_BYTES or (not key and not prefix):
+            raise ValueError(f"control store keys are 1 to {MAX_KEY_BYTES} bytes long, "
+                             f"got {len(key)}")
 
     # -- writes ------------------------------------------------------------
     def put(self, table, key, value):
@@ -357,6 +400,8 @@ class GcsClient:
                     return
             time.sleep(self.flush_delay)     # let a burst of writes gather
             with self._wake:
+                if self._closed:             # close() flushed everything
+                    return
                 dirty, self._dirty = self._dirty, set()
             for number in dirty:
                 try:
@@ -384,7 +429,7 @@ class GcsClient:
 
     def scan(self, table, prefix=b"", limit=None):
         """[(key, value)] of a table across all shards, sorted by key."""
-        self._check(table, prefix)
+        self._check(table, prefix, prefix=True)
         rows = []
         for shard in self.shards:
             rows.extend(shard.request("scan", (table, prefix, limit)))
@@ -417,12 +462,16 @@ class GcsClient:
             self._check(table, key)
             numbers = [self._shard(key)]
         sub = Subscription(self, table, key, callback)
+        on_reply = None
+        if key is not None:
+            # Delivered by the reader thread as the reply arrives, so that it
+            # comes before any change pushed after it (never after a newer value).
+            def on_reply(current):
+                callback(table, key, decode_value(current))
         for number in numbers:
             channel = self._subscriber(number)
             channel.subscriptions.setdefault((table, key), []).append(sub)
-            current = channel.call("sub", (table, key))
-            if key is not None:
-                callback(table, key, decode_value(current))
+            channel.call("sub", (table, key), on_reply=on_reply)
         return sub
 
     def _subscriber(self, number):

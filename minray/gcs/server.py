@@ -49,14 +49,19 @@ class BadRequest(Exception):
     pass
 
 
+MAX_KEY_BYTES = 511              # LMDB's compiled-in key size limit
+
+
 def _check_table(table):
     if table not in TABLES:
         raise BadRequest(f"unknown table {table!r}; tables are {', '.join(TABLES)}")
 
 
-def _check_key(key):
+def _check_key(key, prefix=False):
     if type(key) is not bytes:
         raise BadRequest(f"keys must be bytes, got {type(key).__name__}")
+    if len(key) > MAX_KEY_BYTES or (not key and not prefix):
+        raise BadRequest(f"keys must be 1 to {MAX_KEY_BYTES} bytes long, got {len(key)}")
 
 
 class Shard:
@@ -117,7 +122,7 @@ class Shard:
     def op_scan(self, conn, args):
         table, prefix, limit = args
         _check_table(table)
-        _check_key(prefix)
+        _check_key(prefix, prefix=True)
         return self.storage.scan(table, prefix, limit)
 
     def op_sub(self, conn, args):
@@ -153,64 +158,18 @@ class Shard:
                 "map_bytes": self.storage.map_bytes, "pid": os.getpid()}
 
 
-class ShardConnection(asyncio.Protocol):
+class ShardConnection(wire.FramedServerProtocol):
     """One client connection to a shard: handshake, then framed requests."""
 
     def __init__(self, shard, token):
+        super().__init__(token, name=f"gcs shard {shard.number}")
         self.shard = shard
-        self.token = token
-        self.transport = None
-        self.authenticated = False
-        self.buffer = bytearray()
-        self.peer = "?"
-        self.nonce = None
-        self.handshake_timer = None
 
-    def connection_made(self, transport):
-        self.transport = transport
-        self.peer = transport.get_extra_info("peername")
-        self.nonce, hello = wire.server_hello()
-        transport.write(hello)
-        loop = asyncio.get_running_loop()
-        self.handshake_timer = loop.call_later(wire.HANDSHAKE_TIMEOUT_S, self._handshake_timeout)
-
-    def _handshake_timeout(self):
-        if not self.authenticated:
-            self._drop("no authentication within the handshake timeout")
-
-    def _drop(self, reason):
-        log.warning("shard %d: dropping connection from %s: %s", self.shard.number, self.peer, reason)
-        self.transport.abort()
-
-    def connection_lost(self, exc):
-        if self.handshake_timer:
-            self.handshake_timer.cancel()
+    def lost(self):
         self.shard.drop(self)
 
-    def send(self, message):
-        if not self.transport.is_closing():
-            self.transport.write(wire.encode(message))
-
-    def data_received(self, data):
-        self.buffer += data
-        if not self.authenticated:
-            if len(self.buffer) < wire.REPLY_SIZE:
-                return
-            reply = bytes(self.buffer[:wire.REPLY_SIZE])
-            del self.buffer[:wire.REPLY_SIZE]
-            try:
-                proof = wire.check_client_reply(self.token, self.nonce, reply)
-            except wire.AuthenticationError as exc:
-                self._drop(str(exc))
-                return
-            self.authenticated = True
-            self.handshake_timer.cancel()
-            self.transport.write(proof)
-        try:
-            for payload in wire.split_frames(self.buffer):
-                self._handle(wire.decode(payload))
-        except wire.ProtocolError as exc:
-            self._drop(str(exc))
+    def message_received(self, message):
+        self._handle(message)
 
     def _handle(self, message):
         if type(message) is not tuple or len(message) != 3:
@@ -226,6 +185,12 @@ class ShardConnection(asyncio.Protocol):
             self.send((request_id, False, str(exc)))
         except (TypeError, ValueError) as exc:
             self.send((request_id, False, f"malformed {op} request: {exc}"))
+        except Exception as exc:
+            # Never let a failing request escape into asyncio: it would close
+            # the connection, and the client would resend the same request on
+            # every reconnect.
+            log.exception("shard %d: %s request failed", self.shard.number, op)
+            self.send((request_id, False, f"{op} failed: {type(exc).__name__}: {exc}"))
         else:
             self.send((request_id, True, result))
 

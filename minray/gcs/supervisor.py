@@ -92,7 +92,10 @@ class GcsProcesses:
                 os.unlink(address_file(self.session_dir, shard))
             except FileNotFoundError:
                 pass
-        cmd = [sys.executable, "-m", "minray.gcs.server", "--session-dir", self.session_dir,
+        # Not "-m minray.gcs.server": importing the minray.gcs package already
+        # imports that module, so runpy would run a second copy of it as __main__.
+        cmd = [sys.executable, "-c", "from minray.gcs.server import main; main()",
+               "--session-dir", self.session_dir,
                "--shards", ",".join(map(str, shards)),
                "--ports", ",".join(str(self.ports[s]) for s in shards),
                "--host", self.host, "--map-bytes", str(self.map_bytes),

@@ -1,0 +1,265 @@
+"""minray's public functions: init, remote, get, put, wait and friends."""
+import atexit
+import inspect
+import numbers
+import os
+import threading
+
+from minray import ids
+from minray.exceptions import RaySystemError
+from minray.local_cluster import LocalCluster, find_node_socket
+from minray.remote_function import TASK_OPTIONS, RemoteFunction
+from minray.runtime import core
+from minray.runtime.object_ref import ObjectRef
+from minray.session import read_token
+
+INIT_OPTIONS = ("address", "num_cpus", "num_gpus", "resources", "object_store_memory",
+                "num_gcs_shards", "log_to_driver", "ignore_reinit_error", "redis_address",
+                "num_workers", "include_webui", "configure_logging", "namespace")
+
+
+class _State:
+    lock = threading.RLock()
+    client = None
+    cluster = None          # LocalCluster when this driver started it
+    session_dir = None
+    gcs = None
+
+
+def is_initialized():
+    return _State.client is not None
+
+
+def init(address=None, *, num_cpus=None, num_gpus=None, resources=None,
+         object_store_memory=None, num_gcs_shards=1, log_to_driver=True,
+         ignore_reinit_error=False, redis_address=None, num_workers=None, **unknown):
+    """Start a local cluster (no address) or join a running one (address).
+
+    ``redis_address`` and ``num_workers`` are the original docs' names for
+    ``address`` and ``num_cpus``.
+    """
+    for name in unknown:
+        if name not in INIT_OPTIONS:
+            raise ValueError(f"init() got an unknown argument {name!r}; valid arguments are: "
+                             + ", ".join(o for o in INIT_OPTIONS if o not in ("include_webui",
+                                                                              "configure_logging")))
+    with _State.lock:
+        if _State.client is not None:
+            if ignore_reinit_error:
+                return _context()
+            raise RuntimeError("minray.init() was already called in this process; call "
+                               "minray.shutdown() first, or pass ignore_reinit_error=True")
+        address = address or redis_address
+        if num_workers is not None and num_cpus is None:
+            num_cpus = num_workers
+        if address is None:
+            cluster = LocalCluster(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
+                                   object_store_memory=object_store_memory,
+                                   num_gcs_shards=num_gcs_shards, log_to_driver=log_to_driver)
+            cluster.start()
+            session_dir, socket_path = cluster.session_dir, cluster.socket_path
+        else:
+            cluster = None
+            session_dir, socket_path = find_node_socket(address)
+        try:
+            job_id = os.urandom(ids.JOB_ID_SIZE)
+            client = core.CoreClient(socket_path, read_token(session_dir), "driver",
+                                     {"pid": os.getpid(), "embedded_owner": cluster is not None,
+                                      "job_id": job_id},
+                                     root_task_id=ids.driver_task_id(job_id))
+            if not client.wait_until(lambda: client.welcome is not None, 30.0):
+                raise RaySystemError("the node manager did not answer within 30 s")
+            client.attach_store(client.welcome["store_name"])
+        except BaseException:
+            if cluster is not None:
+                cluster.stop()
+            raise
+        core.set_current(client)
+        _State.client, _State.cluster, _State.session_dir = client, cluster, session_dir
+        return _context()
+
+
+def _context():
+    welcome = _State.client.welcome
+    return {"session_dir": _State.session_dir, "node_id": welcome["node_id"].hex(),
+            "resources": welcome["resources"]}
+
+
+def shutdown():
+    """Disconnect; a cluster this driver started is stopped and cleaned up."""
+    with _State.lock:
+        client, cluster, gcs = _State.client, _State.cluster, _State.gcs
+        _State.client = _State.cluster = _State.gcs = _State.session_dir = None
+        core.set_current(None)
+        if gcs is not None:
+            gcs.close()
+        if client is not None:
+            if cluster is not None:
+                try:
+                    client.send(("shutdown",))
+                except RaySystemError:
+                    pass
+            client.close()
+        if cluster is not None:
+            cluster.stop()
+
+
+atexit.register(shutdown)
+
+
+def ensure_initialized():
+    """The runtime client; starts a local cluster first if needed (as Ray does)."""
+    client = _State.client
+    if client is None:
+        if core.current() is not None:          # inside a worker
+            return core.current()
+        init()
+        client = _State.client
+    return client
+
+
+def _client():
+    client = core.current()
+    if client is None:
+        raise RuntimeError("minray is not initialized: call minray.init() first")
+    return client
+
+
+def _runtime_gcs_client():
+    with _State.lock:
+        if _State.gcs is None and _State.session_dir is not None:
+            from minray.gcs import GcsClient
+            _State.gcs = GcsClient.from_session(_State.session_dir)
+        return _State.gcs
+
+
+# ---------------------------------------------------------------- decorators
+
+def remote(*args, **options):
+    """@minray.remote or @minray.remote(num_cpus=..., ...) on a function."""
+    if len(args) == 1 and not options and callable(args[0]):
+        return _make_remote(args[0], {})
+    if args:
+        raise TypeError("@minray.remote takes only keyword options, e.g. "
+                        "@minray.remote(num_returns=2)")
+    for name in options:
+        if name not in TASK_OPTIONS:
+            raise ValueError(f"unknown option {name!r}; valid options are: "
+                             + ", ".join(sorted(TASK_OPTIONS)))
+    return lambda target: _make_remote(target, options)
+
+
+def _make_remote(target, options):
+    if inspect.isclass(target):
+        raise TypeError(f"@minray.remote on class {target.__name__}: actors are not "
+                        "available in this version of minray yet")
+    if not callable(target):
+        raise TypeError(f"@minray.remote needs a function, got {type(target).__name__}")
+    return RemoteFunction(target, options)
+
+
+# ---------------------------------------------------------------- objects
+
+def _check_refs(refs, what):
+    for ref in refs:
+        if not isinstance(ref, ObjectRef):
+            raise TypeError(f"{what} expects ObjectRefs, got {type(ref).__name__}: "
+                            f"{ref!r:.60}")
+
+
+def _check_timeout(timeout):
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                                or timeout < 0):
+        raise ValueError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
+
+
+def get(object_refs, *, timeout=None):
+    """The value(s) of an ObjectRef or a list of them, waiting until ready.
+
+    Raises GetTimeoutError after `timeout` seconds, and re-raises a task's
+    exception (an instance of both RayTaskError and the original type).
+    """
+    _check_timeout(timeout)
+    client = _client()
+    if isinstance(object_refs, ObjectRef):
+        return client.get([object_refs.binary()], timeout)[0]
+    if not isinstance(object_refs, (list, tuple)):
+        raise TypeError(f"get expects an ObjectRef or a list of ObjectRefs, got "
+                        f"{type(object_refs).__name__}")
+    _check_refs(object_refs, "get")
+    return client.get([r.binary() for r in object_refs], timeout)
+
+
+def put(value):
+    """Store a value in the object store; returns its ObjectRef."""
+    if isinstance(value, ObjectRef):
+        raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself around")
+    from minray.serialization import serialize
+    client = ensure_initialized()
+    serialized = serialize(value)
+    object_id = client.next_put_id()
+    ref = ObjectRef(object_id)
+    client.put_serialized(object_id, serialized)
+    return ref
+
+
+def wait(object_refs, *, num_returns=1, timeout=None, fetch_local=True):
+    """Wait until num_returns of the refs are ready or timeout (seconds) passes.
+
+    Returns (ready, not_ready), each in the order of the input list. The
+    original docs' timeout was in milliseconds; here, as in Ray today, seconds.
+    """
+    if isinstance(object_refs, ObjectRef) or not isinstance(object_refs, (list, tuple)):
+        raise TypeError(f"wait expects a list of ObjectRefs, got {type(object_refs).__name__}")
+    _check_refs(object_refs, "wait")
+    _check_timeout(timeout)
+    if len(set(object_refs)) != len(object_refs):
+        raise ValueError("wait() got the same ObjectRef more than once; pass each ref once")
+    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 1:
+        raise ValueError(f"num_returns must be an int >= 1, got {num_returns!r}")
+    if num_returns > len(object_refs):
+        raise ValueError(f"num_returns ({num_returns}) is larger than the number of refs "
+                         f"({len(object_refs)})")
+    client = _client()
+    ready_ids = set(client.wait([r.binary() for r in object_refs], num_returns, timeout))
+    ready = [r for r in object_refs if r.binary() in ready_ids]
+    not_ready = [r for r in object_refs if r.binary() not in ready_ids]
+    return ready, not_ready
+
+
+# ---------------------------------------------------------------- cluster info
+
+def cluster_resources():
+    return dict(_client().request_info("resources")["total"])
+
+
+def available_resources():
+    return {k: v for k, v in _client().request_info("resources")["available"].items() if v > 0}
+
+
+def nodes():
+    gcs = _runtime_gcs_client()
+    if gcs is None:
+        raise RuntimeError("minray is not initialized: call minray.init() first")
+    return [{"NodeID": key.hex(), "Alive": value.get("state") == "ALIVE",
+             "NodeManagerAddress": value.get("host"), "Resources": value.get("resources")}
+            for key, value in gcs.scan("nodes")]
+
+
+def get_gpu_ids():
+    """GPU ids assigned to the current task or actor (CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    client = core.current()
+    if client is None or client.role != "worker":
+        return []
+    return [int(g) for g in visible.split(",") if g.strip()]
+
+
+def error_info():
+    """Errors recorded in the control store (failed tasks), oldest first."""
+    gcs = _runtime_gcs_client()
+    if gcs is None:
+        raise RuntimeError("minray is not initialized: call minray.init() first")
+    gcs.flush()
+    rows = [value for _, value in gcs.scan("errors")]
+    return sorted(rows, key=lambda r: r.get("time", 0))

@@ -1,0 +1,154 @@
+"""Starting the embedded local cluster that minray.init() gives a driver.
+
+The driver starts one process, the head node manager; it starts the control
+store's shard servers and the workers. All of them exit with the driver: on
+shutdown(), at interpreter exit, or, if the driver is killed, when the node
+manager sees its parent gone. The session directory and the /dev/shm arena are
+removed with them.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import psutil
+
+from minray.exceptions import RaySystemError
+from minray.object_store import default_capacity
+from minray.session import SESSION_ROOT, create_session_dir
+
+START_TIMEOUT_S = 30.0
+LATEST_LINK = os.path.join(SESSION_ROOT, "session_latest")
+
+
+def _check_count(name, value):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+class LocalCluster:
+    def __init__(self, num_cpus=None, num_gpus=None, resources=None, object_store_memory=None,
+                 num_gcs_shards=1, log_to_driver=True):
+        _check_count("num_cpus", num_cpus)
+        _check_count("num_gpus", num_gpus)
+        if resources is not None and not isinstance(resources, dict):
+            raise ValueError(f"resources must be a dict of name -> amount, got {resources!r}")
+        if object_store_memory is not None and (not isinstance(object_store_memory, int)
+                                                or object_store_memory < (1 << 20)):
+            raise ValueError(f"object_store_memory must be an int of at least 1 MiB, got "
+                             f"{object_store_memory!r}")
+        if not isinstance(num_gcs_shards, int) or num_gcs_shards < 1:
+            raise ValueError(f"num_gcs_shards must be an int >= 1, got {num_gcs_shards!r}")
+        cpus = os.cpu_count() if num_cpus is None else num_cpus
+        gpus = num_gpus if num_gpus is not None else _visible_gpus()
+        self.resources = {"CPU": float(cpus)}
+        if gpus:
+            self.resources["GPU"] = float(gpus)
+        for name, amount in (resources or {}).items():
+            if name in ("CPU", "GPU"):
+                raise ValueError(f"use num_cpus / num_gpus instead of resources={{'{name}': ...}}")
+            _check_count(f"resource {name!r}", amount)
+            self.resources[name] = float(amount)
+        self.object_store_memory = object_store_memory or default_capacity()
+        self.num_gcs_shards = num_gcs_shards
+        self.log_to_driver = log_to_driver
+        self.session_dir = None
+        self.socket_path = None
+        self.process = None
+
+    def start(self):
+        self.session_dir = create_session_dir()
+        _point_latest(self.session_dir)
+        logs = os.path.join(self.session_dir, "logs")
+        os.makedirs(logs, mode=0o700, exist_ok=True)
+        ready = os.path.join(self.session_dir, "node_manager.ready")
+        cmd = [sys.executable, "-m", "minray.node_manager", "--head", "--embedded",
+               "--session-dir", self.session_dir, "--resources", json.dumps(self.resources),
+               "--object-store-memory", str(self.object_store_memory),
+               "--num-gcs-shards", str(self.num_gcs_shards), "--parent-pid", str(os.getpid()),
+               "--ready-file", ready, "--num-workers", str(max(1, int(self.resources["CPU"])))]
+        if not self.log_to_driver:
+            cmd.append("--no-log-to-driver")
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not os.path.exists(ready):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RaySystemError(
+                    "the local minray cluster failed to start; its logs were in "
+                    f"{logs} (node manager exit code {self.process.returncode})")
+            time.sleep(0.002)
+        with open(ready) as f:
+            self.socket_path = f.read().strip()
+
+    def stop(self, timeout=10.0):
+        if self.process is not None:
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _kill_tree(self.process.pid)
+                self.process.wait()
+        if self.session_dir:
+            shutil.rmtree(self.session_dir, ignore_errors=True)
+
+
+def _kill_tree(pid):
+    try:
+        parent = psutil.Process(pid)
+        for child in parent.children(recursive=True):
+            child.kill()
+        parent.kill()
+    except psutil.NoSuchProcess:
+        pass
+
+
+def _visible_gpus():
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return 0
+    return len([g for g in visible.split(",") if g.strip()])
+
+
+def _point_latest(session_dir):
+    tmp = f"{LATEST_LINK}.{os.getpid()}"
+    try:
+        os.symlink(session_dir, tmp)
+        os.replace(tmp, LATEST_LINK)
+    except OSError:
+        pass
+
+
+def find_node_socket(address):
+    """(session dir, node manager socket) of a running cluster on this machine.
+
+    `address` is "auto" (the latest session), a session directory, or the
+    control store's "host:port".
+    """
+    if address == "auto":
+        session_dir = os.path.realpath(LATEST_LINK)
+    elif os.path.isdir(address):
+        session_dir = address
+    else:
+        session_dir = _session_of_gcs(address)
+    socket_path = os.path.join(session_dir, "sockets", "node_manager")
+    if not os.path.exists(socket_path):
+        raise ConnectionError(
+            f"no minray node is running for {address!r} (no socket at {socket_path}); "
+            "start one with minray.init() or `minray start --head`")
+    return session_dir, socket_path
+
+
+def _session_of_gcs(address):
+    for entry in sorted(os.listdir(SESSION_ROOT)) if os.path.isdir(SESSION_ROOT) else []:
+        shard_map = os.path.join(SESSION_ROOT, entry, "gcs", "shards")
+        try:
+            with open(shard_map) as f:
+                if address in f.read().split():
+                    return os.path.join(SESSION_ROOT, entry)
+        except OSError:
+            continue
+    raise ConnectionError(f"no minray cluster on this machine has its control store at {address}")

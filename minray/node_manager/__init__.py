@@ -1,0 +1,1 @@
+"""Node manager: local scheduler, object store owner, worker pool (one per node)."""

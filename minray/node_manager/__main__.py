@@ -1,0 +1,61 @@
+"""Entry point of a node manager process (started by minray.init or minray start).
+
+On the head node it first starts the control store's shard servers, which it
+supervises; every node manager then serves its Unix socket until stopped.
+"""
+import argparse
+import json
+import logging
+import os
+import shutil
+
+from minray.gcs import GcsClient, GcsProcesses
+from minray.node_manager.server import run_node_manager
+from minray.session import read_token
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="minray node manager")
+    parser.add_argument("--session-dir", required=True)
+    parser.add_argument("--resources", required=True, help="JSON dict, e.g. {\"CPU\": 2}")
+    parser.add_argument("--object-store-memory", type=int, required=True)
+    parser.add_argument("--num-workers", type=int)
+    parser.add_argument("--head", action="store_true")
+    parser.add_argument("--num-gcs-shards", type=int, default=1)
+    parser.add_argument("--embedded", action="store_true",
+                        help="started by a driver: remove the session when done")
+    parser.add_argument("--parent-pid", type=int)
+    parser.add_argument("--ready-file")
+    parser.add_argument("--no-log-to-driver", action="store_true",
+                        help="workers write to log files instead of this terminal")
+    args = parser.parse_args(argv)
+    # Our own log goes to the session; the terminal is the workers' (and the
+    # driver's), so users see their prints, not our bookkeeping.
+    logs = os.path.join(args.session_dir, "logs")
+    os.makedirs(logs, mode=0o700, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, filename=os.path.join(logs, "node_manager.log"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    token = read_token(args.session_dir)
+    gcs_processes = None
+    try:
+        if args.head:
+            gcs_processes = GcsProcesses(args.session_dir, args.num_gcs_shards,
+                                         watch_parent=True).start()
+        gcs = GcsClient.from_session(args.session_dir)
+        node_id = os.urandom(16)
+        resources = json.loads(args.resources)
+        gcs.put("nodes", node_id, {"host": "127.0.0.1", "resources": resources,
+                                   "state": "ALIVE", "pid": os.getpid(),
+                                   "session_dir": args.session_dir})
+        run_node_manager(args.session_dir, node_id, resources, args.object_store_memory,
+                         token, gcs, args.num_workers, args.embedded, args.ready_file,
+                         args.parent_pid, log_to_driver=not args.no_log_to_driver)
+    finally:
+        if gcs_processes is not None:
+            gcs_processes.stop()
+        if args.embedded:
+            shutil.rmtree(args.session_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

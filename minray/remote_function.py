@@ -1,0 +1,159 @@
+"""@minray.remote on a function: RemoteFunction and its options."""
+import hashlib
+
+import cloudpickle
+
+from minray.exceptions import SerializationError
+from minray.runtime import core
+from minray.runtime.object_ref import ObjectRef
+from minray.serialization import serialize
+
+TASK_OPTIONS = {
+    "num_returns": "how many ObjectRefs .remote() returns (alias num_return_vals)",
+    "num_return_vals": "the original docs' name for num_returns",
+    "num_cpus": "CPUs the task holds while it runs (default 1)",
+    "num_gpus": "GPUs the task holds; their ids are in minray.get_gpu_ids()",
+    "resources": "custom resources, e.g. {'memory_bank': 1}",
+    "max_retries": "times a task is re-run if its worker dies (default 3)",
+    "name": "a name for the task in the state API",
+}
+DEFAULT_MAX_RETRIES = 3
+
+
+def _bad_option(name, valid):
+    options = ", ".join(sorted(valid))
+    return ValueError(f"unknown option {name!r}; valid options are: {options}")
+
+
+def validate_resources(options):
+    """Check num_cpus / num_gpus / resources; return the resource dict."""
+    num_cpus = options.get("num_cpus", 1)
+    num_gpus = options.get("num_gpus", 0)
+    custom = options.get("resources") or {}
+    for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if not isinstance(custom, dict):
+        raise ValueError(f"resources must be a dict of name -> amount, got {custom!r}")
+    for name, value in custom.items():
+        if name in ("CPU", "GPU"):
+            raise ValueError(f"use num_cpus / num_gpus instead of resources={{'{name}': ...}}")
+        if not isinstance(name, str) or isinstance(value, bool) \
+                or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"resource {name!r} must map a name to a number >= 0, got {value!r}")
+    if num_gpus and num_gpus != int(num_gpus) and num_gpus > 1:
+        raise ValueError(f"num_gpus above 1 must be a whole number, got {num_gpus}")
+    resources = {"CPU": float(num_cpus), "GPU": float(num_gpus)}
+    resources.update({k: float(v) for k, v in custom.items()})
+    return {k: v for k, v in resources.items() if v}
+
+
+def validate_task_options(options):
+    for name in options:
+        if name not in TASK_OPTIONS:
+            raise _bad_option(name, TASK_OPTIONS)
+    if "num_return_vals" in options:
+        options = dict(options)
+        options.setdefault("num_returns", options.pop("num_return_vals"))
+    num_returns = options.get("num_returns", 1)
+    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
+        raise ValueError(f"num_returns must be an int >= 0, got {num_returns!r}")
+    max_retries = options.get("max_retries", DEFAULT_MAX_RETRIES)
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < -1:
+        raise ValueError(f"max_retries must be an int >= 0 (or -1 for unlimited), got {max_retries!r}")
+    validate_resources(options)
+    return options
+
+
+def encode_args(client, function_name, args, kwargs):
+    """Task arguments: refs stay refs, small values inline, large ones put first."""
+    entries = []
+    keep_alive = []
+    for position, value in enumerate(list(args) + list(kwargs.values())):
+        if isinstance(value, ObjectRef):
+            entries.append(("r", value.binary()))
+            continue
+        try:
+            serialized = serialize(value)
+        except SerializationError as exc:
+            where = (f"argument {position}" if position < len(args)
+                     else f"keyword argument {list(kwargs)[position - len(args)]!r}")
+            raise SerializationError(f"{where} of {function_name}: {exc}") from None
+        if serialized.total_size <= core.INLINE_MAX_BYTES:
+            buf = bytearray(serialized.total_size)
+            serialized.write_to(memoryview(buf))
+            entries.append(("v", serialized.metadata, bytes(buf)))
+        else:
+            object_id = client.next_put_id()
+            ref = ObjectRef(object_id)
+            client.put_serialized(object_id, serialized)
+            keep_alive.append(ref)
+            entries.append(("r", object_id))
+    return entries, tuple(kwargs), keep_alive
+
+
+def returns_of(return_ids):
+    refs = [ObjectRef(object_id) for object_id in return_ids]
+    if len(refs) == 1:
+        return refs[0]
+    return refs if refs else None
+
+
+class RemoteFunction:
+    def __init__(self, function, options):
+        self._function = function
+        self._options = validate_task_options(options)
+        self._name = getattr(function, "__qualname__", getattr(function, "__name__", "task"))
+        self._pickled = None
+        self._function_id = None
+        self.__doc__ = function.__doc__
+        self.__name__ = getattr(function, "__name__", "task")
+        self.__wrapped__ = function
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(
+            f"remote function {self._name} cannot be called directly; "
+            f"use {self.__name__}.remote(...) to run it as a task")
+
+    def options(self, **options):
+        merged = dict(self._options)
+        merged.update(validate_task_options(options))
+        return _BoundOptions(self, merged)
+
+    def remote(self, *args, **kwargs):
+        return self._submit(args, kwargs, self._options)
+
+    def _export(self, client):
+        if self._pickled is None:
+            try:
+                self._pickled = cloudpickle.dumps(self._function)
+            except Exception as exc:
+                raise SerializationError(
+                    f"remote function {self._name} cannot be pickled: {exc}") from None
+            self._function_id = hashlib.blake2b(self._pickled, digest_size=16).digest()
+        client.export_function(self._function_id, self._pickled, self._name)
+
+    def _submit(self, args, kwargs, options):
+        from minray import api
+        client = api.ensure_initialized()
+        self._export(client)
+        num_returns = options.get("num_returns", 1)
+        entries, kwarg_names, keep_alive = encode_args(client, self._name, args, kwargs)
+        task_id = client.next_task_id()
+        return_ids = [task_id + (i).to_bytes(4, "big") for i in range(1, num_returns + 1)]
+        refs = returns_of(return_ids)
+        spec = (task_id, self._function_id, options.get("name", self._name), entries,
+                kwarg_names, num_returns, validate_resources(options),
+                options.get("max_retries", DEFAULT_MAX_RETRIES))
+        client.submit(spec, return_ids)
+        del keep_alive
+        return refs
+
+
+class _BoundOptions:
+    def __init__(self, remote_function, options):
+        self._remote_function = remote_function
+        self._options = options
+
+    def remote(self, *args, **kwargs):
+        return self._remote_function._submit(args, kwargs, self._options)

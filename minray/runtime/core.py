@@ -1,0 +1,299 @@
+"""The runtime inside every driver and worker: its link to the node manager.
+
+It submits tasks, puts and gets objects, and keeps the values this process
+knows about. Small values arrive inline in messages; large ones are read
+zero-copy from the shared-memory store. Reading the socket is done by
+whichever thread is waiting (get, wait, or a worker waiting for work), one at
+a time; the others wait on a condition and re-check after each batch.
+"""
+import collections
+import socket
+import sys
+import threading
+import time
+
+from minray import ids, wire
+from minray.exceptions import (
+    GetTimeoutError, ObjectLostError, ObjectNotFoundError, RaySystemError, RayTaskError,
+)
+from minray.object_store import SharedStore
+from minray.serialization import deserialize, serialize
+
+INLINE_MAX_BYTES = 100 * 1024      # values up to this size travel in messages
+INLINE, IN_STORE, ERROR = "v", "s", "e"
+
+_current = None                     # the CoreClient of this process
+
+
+def current():
+    return _current
+
+
+def set_current(client):
+    global _current
+    _current = client
+
+
+class CoreClient:
+    def __init__(self, socket_path, token, role, info, root_task_id):
+        self.role = role
+        self.sock = wire.connect(socket_path, token)
+        self.sock.settimeout(None)
+        self.buffer = bytearray()
+        self.send_lock = threading.Lock()
+        self.cond = threading.Condition()
+        self.reading = False
+        self.closed = False
+        self.objects = {}            # object id -> (kind, meta, payload)
+        self.ref_counts = {}         # object id -> live ObjectRefs in this process
+        self.owned = set()           # ids whose value is pushed to us unasked
+        self.subscribed = set()
+        self.pending_free = []
+        self.pending_escape = []
+        self.exported = set()
+        self.replies = {}
+        self.request_ids = iter(range(1, 1 << 62))
+        self.tasks = collections.deque()   # worker: dispatched, not started
+        self.executing = False
+        self.current_task_id = root_task_id
+        self.task_index = 0
+        self.put_index = 0
+        self.welcome = None
+        self.store = None
+        self.send(("hello", role, info))
+
+    def attach_store(self, store_name):
+        self.store = SharedStore.attach(store_name)
+
+    # ------------------------------------------------------------ sending
+    def send(self, message):
+        frames = [wire.encode(message)]
+        if self.pending_escape or self.pending_free:
+            frames = self._bookkeeping_frames() + frames
+        with self.send_lock:
+            try:
+                self.sock.sendall(b"".join(frames))
+            except OSError as exc:
+                raise RaySystemError(f"lost the connection to the node manager: {exc}") from None
+
+    def _bookkeeping_frames(self):
+        # Escapes go before frees so a ref that was serialized is never freed.
+        frames = []
+        if self.pending_escape:
+            escaped, self.pending_escape = self.pending_escape, []
+            frames.append(wire.encode(("escape", escaped)))
+        if self.pending_free:
+            freed, self.pending_free = self.pending_free, []
+            frames.append(wire.encode(("free", freed)))
+        return frames
+
+    # ------------------------------------------------------------ receiving
+    def wait_until(self, predicate, timeout=None):
+        """Process incoming messages until predicate() is true or time runs out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.cond:
+                if predicate():
+                    return True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                if self.reading:
+                    self.cond.wait(remaining)
+                    continue
+                self.reading = True
+            try:
+                self._receive(remaining)
+            finally:
+                with self.cond:
+                    self.reading = False
+                    self.cond.notify_all()
+
+    def _receive(self, timeout):
+        self.sock.settimeout(timeout)
+        try:
+            chunk = self.sock.recv(1 << 20)
+        except socket.timeout:
+            return
+        except OSError as exc:
+            self._lost(str(exc))
+        if not chunk:
+            self._lost("the node manager closed the connection")
+        self.buffer += chunk
+        for payload in wire.split_frames(self.buffer):
+            self._process(wire.decode(payload))
+
+    def _lost(self, why):
+        self.closed = True
+        raise RaySystemError(
+            f"lost the connection to the node manager ({why}): the minray cluster is gone")
+
+    def _process(self, message):
+        kind = message[0]
+        if kind == "obj":
+            _, object_id, value_kind, meta, payload = message
+            if object_id in self.ref_counts:
+                self.objects[object_id] = (value_kind, meta, payload)
+        elif kind == "tasks":
+            self.tasks.extend(message[1])
+        elif kind == "error":
+            print(f"minray: {message[1]}", file=sys.stderr, flush=True)
+        elif kind == "info":
+            self.replies[message[1]] = message[2]
+        elif kind == "welcome":
+            self.welcome = message[1]
+
+    def request_info(self, what, timeout=30.0):
+        request_id = next(self.request_ids)
+        self.send(("info", request_id, what))
+        if not self.wait_until(lambda: request_id in self.replies, timeout):
+            raise RaySystemError(f"the node manager did not answer within {timeout} s")
+        return self.replies.pop(request_id)
+
+    # ------------------------------------------------------------ references
+    def add_ref(self, object_id):
+        self.ref_counts[object_id] = self.ref_counts.get(object_id, 0) + 1
+
+    def remove_ref(self, object_id):
+        count = self.ref_counts.get(object_id, 0) - 1
+        if count > 0:
+            self.ref_counts[object_id] = count
+            return
+        self.ref_counts.pop(object_id, None)
+        self.objects.pop(object_id, None)
+        self.subscribed.discard(object_id)
+        if object_id in self.owned:
+            self.owned.discard(object_id)
+            self.pending_free.append(object_id)
+
+    def escape(self, object_id):
+        self.pending_escape.append(object_id)
+
+    # ------------------------------------------------------------ tasks
+    def next_task_id(self):
+        task_id = ids.child_task_id(self.current_task_id, self.task_index)
+        self.task_index += 1
+        return task_id
+
+    def export_function(self, function_id, pickled, name):
+        if function_id not in self.exported:
+            self.send(("fn", function_id, pickled, name))
+            self.exported.add(function_id)
+
+    def submit(self, spec, return_ids):
+        self.owned.update(return_ids)
+        self.send(("submit", spec))
+
+    # ------------------------------------------------------------ objects
+    def put_serialized(self, object_id, serialized):
+        """Store a serialized value under a new id owned by this process."""
+        meta = serialized.metadata
+        if serialized.total_size <= INLINE_MAX_BYTES:
+            buf = bytearray(serialized.total_size)
+            serialized.write_to(memoryview(buf))
+            payload = bytes(buf)
+            self.objects[object_id] = (INLINE, meta, payload)
+            self.owned.add(object_id)
+            self.send(("put", object_id, INLINE, meta, payload))
+            return
+        buf = self.store.create_object(object_id, serialized.total_size, meta)
+        try:
+            serialized.write_to(buf)
+        except BaseException:
+            del buf
+            self.store.abort(object_id)
+            raise
+        del buf
+        self.store.seal(object_id)
+        self.objects[object_id] = (IN_STORE, meta, serialized.total_size)
+        self.owned.add(object_id)
+        self.send(("put", object_id, IN_STORE, meta, serialized.total_size))
+
+    def next_put_id(self):
+        self.put_index += 1
+        return ids.put_object_id(self.current_task_id, self.put_index)
+
+    def _missing(self, object_ids):
+        missing = [o for o in object_ids if o not in self.objects]
+        if missing:
+            ask = [o for o in missing if o not in self.owned and o not in self.subscribed]
+            if ask:
+                self.subscribed.update(ask)
+                self.send(("sub", ask))
+        return missing
+
+    def _blocking(self):
+        """A worker about to block gives back queued tasks and lends its CPU."""
+        if self.role != "worker" or not self.executing:
+            return False
+        not_started = [t[0] for t in self.tasks]
+        self.tasks.clear()
+        self.send(("blocked", not_started))
+        return True
+
+    def get(self, object_ids, timeout=None):
+        missing = self._missing(object_ids)
+        if missing:
+            objects = self.objects
+            blocked = self._blocking()
+            try:
+                done = self.wait_until(lambda: all(o in objects for o in missing), timeout)
+            finally:
+                if blocked:
+                    self.send(("unblocked",))
+            if not done:
+                pending = sum(1 for o in missing if o not in objects)
+                raise GetTimeoutError(
+                    f"get timed out after {timeout} s: {pending} of {len(object_ids)} "
+                    "objects are not ready")
+        return [self.value(o) for o in object_ids]
+
+    def wait(self, object_ids, num_returns, timeout):
+        self._missing(object_ids)
+        objects = self.objects
+
+        def enough():
+            return sum(1 for o in object_ids if o in objects) >= num_returns
+
+        if not enough() and timeout != 0:
+            blocked = self._blocking()
+            try:
+                self.wait_until(enough, timeout)
+            finally:
+                if blocked:
+                    self.send(("unblocked",))
+        elif timeout == 0:
+            self.wait_until(lambda: True, 0)
+        ready = [o for o in object_ids if o in objects][:num_returns]
+        return ready
+
+    def value(self, object_id):
+        kind, meta, payload = self.objects[object_id]
+        if kind == INLINE:
+            return deserialize(meta, payload)
+        if kind == IN_STORE:
+            try:
+                pinned = self.store.get(object_id)
+            except ObjectNotFoundError:
+                raise ObjectLostError(
+                    f"object {object_id.hex()} was evicted from the object store and cannot "
+                    "be recomputed yet") from None
+            return deserialize(pinned.metadata, pinned)
+        error = deserialize(meta, payload)
+        if isinstance(error, RayTaskError):
+            raise error.as_instanceof_cause()
+        raise error
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.pending_escape or self.pending_free:
+                with self.send_lock:
+                    self.sock.sendall(b"".join(self._bookkeeping_frames()))
+        except OSError:
+            pass
+        self.sock.close()
+        if self.store is not None:
+            self.store.close()

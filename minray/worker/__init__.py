@@ -1,0 +1,1 @@
+"""Worker processes: run tasks dispatched by their node manager."""
