@@ -4,6 +4,7 @@ import inspect
 import numbers
 import os
 import threading
+import time
 
 from minray import ids
 from minray.exceptions import RaySystemError
@@ -129,6 +130,13 @@ def _runtime_gcs_client():
     with _State.lock:
         if _State.gcs is None and _State.session_dir is not None:
             from minray.gcs import GcsClient
+            from minray.gcs.supervisor import shard_map_file
+            # The head starts its control store while already serving tasks.
+            deadline = time.monotonic() + 30.0
+            while not os.path.exists(shard_map_file(_State.session_dir)):
+                if time.monotonic() > deadline:
+                    raise RaySystemError("the control store did not come up within 30 s")
+                time.sleep(0.005)
             _State.gcs = GcsClient.from_session(_State.session_dir)
         return _State.gcs
 

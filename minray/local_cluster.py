@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 
 from minray.exceptions import RaySystemError
 from minray.object_store import default_capacity
@@ -97,6 +96,7 @@ class LocalCluster:
 
 
 def _kill_tree(pid):
+    import psutil  # lazily: most processes never need it
     try:
         parent = psutil.Process(pid)
         for child in parent.children(recursive=True):

@@ -36,12 +36,33 @@ import io
 import os
 import pickle
 import struct
+import sys
 import threading
 import types
 from pickle import PickleBuffer
 
 import cloudpickle
-import numpy as np
+
+# numpy is imported on first use, not here: processes that never touch an
+# array (the node manager, an idle worker) start ~90 ms faster without it.
+np = None
+
+
+def _numpy():
+    global np
+    if np is None:
+        import numpy
+        np = numpy
+    return np
+
+
+def _is_ndarray_type(t):
+    """True for numpy.ndarray, without importing numpy if nobody has."""
+    if np is None:
+        if "numpy" not in sys.modules:
+            return False
+        _numpy()
+    return t is np.ndarray
 
 from minray.exceptions import SerializationError
 
@@ -119,6 +140,7 @@ def _copy(dest, src):
     if n < _NUMPY_COPY_MIN:
         dest[:] = src
         return
+    np = _numpy()
     d = np.frombuffer(dest, dtype=np.uint8)
     s = np.frombuffer(src, dtype=np.uint8)
     if n < _PARALLEL_COPY_MIN or _COPY_THREADS < 2:
@@ -303,7 +325,7 @@ def _rebuild_ndarray(buf, dtype, shape, order):
     # frombuffer makes ``buf`` (a read-only view of the stored data) the
     # array's base. The array is therefore read-only and keeps the data
     # pinned while it lives.
-    arr = np.frombuffer(buf, dtype=dtype)
+    arr = _numpy().frombuffer(buf, dtype=dtype)
     if len(shape) != 1:
         arr = arr.reshape(shape, order=order)
     return arr
@@ -453,7 +475,7 @@ def _choose_reducer(t):
         # The deserializer is itself the reconstructor, so it travels with
         # the data.
         return lambda obj: (deserializer, (serializer(obj),))
-    if t is np.ndarray:
+    if _is_ndarray_type(t):
         return _reduce_ndarray
     if t is memoryview:
         return _reduce_memoryview
@@ -542,7 +564,7 @@ def serialize(value):
             return _RawObject(META_BYTES, value)
         if t in _PLAIN_TYPES:
             return _RawObject(META_PICKLE, pickle.dumps(value, _PROTOCOL))
-        if t is np.ndarray:
+        if _is_ndarray_type(t):
             parts = _ndarray_parts(value)
             if parts is not None:
                 flat, dtype, shape, order = parts

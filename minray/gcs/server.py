@@ -81,10 +81,12 @@ class Shard:
         per_connection = {}
         for change in changes:
             table, key = change[0], change[1]
-            for conn in self.table_subscribers.get(table, ()):
+            by_table = self.table_subscribers.get(table, ())
+            for conn in by_table:
                 per_connection.setdefault(conn, []).append(change)
             for conn in self.key_subscribers.get((table, key), ()):
-                per_connection.setdefault(conn, []).append(change)
+                if conn not in by_table:    # once per connection, even if it has both
+                    per_connection.setdefault(conn, []).append(change)
         for conn, items in per_connection.items():
             conn.send((0, "pub", items))
 

@@ -36,19 +36,22 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, filename=os.path.join(logs, "node_manager.log"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = read_token(args.session_dir)
-    gcs_processes = None
-    try:
-        if args.head:
-            gcs_processes = GcsProcesses(args.session_dir, args.num_gcs_shards,
-                                         watch_parent=True).start()
+    node_id = os.urandom(16)
+    resources = json.loads(args.resources)
+    gcs_processes = GcsProcesses(args.session_dir, args.num_gcs_shards) if args.head else None
+
+    def connect_gcs():
+        if gcs_processes is not None:
+            gcs_processes.start()
         gcs = GcsClient.from_session(args.session_dir)
-        node_id = os.urandom(16)
-        resources = json.loads(args.resources)
         gcs.put("nodes", node_id, {"host": "127.0.0.1", "resources": resources,
                                    "state": "ALIVE", "pid": os.getpid(),
                                    "session_dir": args.session_dir})
+        return gcs
+
+    try:
         run_node_manager(args.session_dir, node_id, resources, args.object_store_memory,
-                         token, gcs, args.num_workers, args.embedded, args.ready_file,
+                         token, connect_gcs, args.num_workers, args.embedded, args.ready_file,
                          args.parent_pid, log_to_driver=not args.no_log_to_driver)
     finally:
         if gcs_processes is not None:

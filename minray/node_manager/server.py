@@ -96,6 +96,7 @@ class NodeManager:
         self.idle = []
         self.drivers = set()
         self.gcs = gcs_client
+        self.gcs_backlog = []       # log entries made before the control store was up
         self.schedule_pending = False
         self.stopping = None
         self.handlers = {
@@ -106,7 +107,7 @@ class NodeManager:
         }
 
     # ------------------------------------------------------------ lifecycle
-    async def run(self, ready_path=None, parent_pid=None):
+    async def run(self, ready_path=None, parent_pid=None, connect_gcs=None):
         loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         os.makedirs(os.path.dirname(self.socket_path), mode=0o700, exist_ok=True)
@@ -121,6 +122,14 @@ class NodeManager:
                 f.write(self.socket_path)
             os.replace(ready_path + ".tmp", ready_path)
         watchdog = asyncio.ensure_future(self._watchdog(parent_pid))
+        if connect_gcs is not None:
+            # Serve drivers and workers at once; the control store (started in
+            # parallel on the head) only receives our log, which can wait.
+            gcs = await loop.run_in_executor(None, connect_gcs)
+            backlog, self.gcs_backlog = self.gcs_backlog, []
+            self.gcs = gcs
+            for table, key, value in backlog:
+                gcs.put(table, key, value)
         await self.stopping.wait()
         watchdog.cancel()
         server.close()
@@ -134,8 +143,8 @@ class NodeManager:
                 log.info("parent %d is gone; shutting down", parent_pid)
                 self.stopping.set()
                 return
-            for worker_id, code in self.pool.reap_exited():
-                log.error("worker %s exited with %s before connecting", worker_id, code)
+            for worker_id in self.pool.overdue():
+                log.error("worker %s did not connect; starting another if needed", worker_id)
                 self.schedule()
 
     def shutdown(self):
@@ -165,7 +174,7 @@ class NodeManager:
         conn.send(("welcome", {
             "node_id": self.node_id, "store_name": self.store_name,
             "session_dir": self.session_dir, "resources": self.resources,
-            "gcs": self.gcs.addresses if self.gcs else [],
+
         }))
 
     def connection_lost(self, conn):
@@ -196,8 +205,7 @@ class NodeManager:
     def on_function(self, conn, function_id, pickled, name):
         if function_id not in self.functions:
             self.functions[function_id] = pickled
-            if self.gcs is not None:
-                self.gcs.put("functions", function_id, {"name": name, "pickled": pickled})
+            self._log("functions", function_id, {"name": name, "pickled": pickled})
 
     def on_put(self, conn, object_id, kind, meta, payload):
         entry = self.objects.set_ready(object_id, kind, meta, payload, owner=conn)
@@ -311,8 +319,7 @@ class NodeManager:
     def report_error(self, task, text):
         for driver in self.drivers:
             driver.send(("error", text))
-        if self.gcs is not None:
-            self.gcs.put("errors", os.urandom(8), {
+        self._log("errors", os.urandom(8), {
                 "type": "task", "function": task.spec[2], "task_id": task.task_id.hex(),
                 "message": text, "time": time.time(), "node": self.node_id.hex()})
 
@@ -484,31 +491,35 @@ class NodeManager:
         self.pool.start()
 
     # ------------------------------------------------------------ control store log
+    def _log(self, table, key, value):
+        if self.gcs is not None:
+            self.gcs.put(table, key, value)
+        else:
+            self.gcs_backlog.append((table, key, value))
+
     def _log_task(self, task, state):
-        if self.gcs is None:
-            return
         task_id, function_id, name, args, kwarg_names, num_returns, resources, _ = task.spec
-        self.gcs.put("tasks", task_id, {
+        self._log("tasks", task_id, {
             "name": name, "state": state, "function_id": function_id.hex(),
             "num_returns": num_returns, "resources": resources,
             "node": self.node_id.hex(), "time": time.time(), "spec": task.spec})
 
     def _log_object(self, object_id, entry, task_id):
-        if self.gcs is None or entry is None:
+        if entry is None:
             return
-        self.gcs.put("objects", object_id, {
+        self._log("objects", object_id, {
             "kind": {"v": "inline", "s": "store", "e": "error"}[entry.kind],
             "size": entry.size, "node": self.node_id.hex(),
             "task_id": task_id.hex() if task_id else None})
 
 
-def run_node_manager(session_dir, node_id, resources, store_capacity, token, gcs_client,
+def run_node_manager(session_dir, node_id, resources, store_capacity, token, connect_gcs,
                      num_workers=None, embedded=False, ready_path=None, parent_pid=None,
                      log_to_driver=True):
     manager = NodeManager(session_dir, node_id, resources, store_capacity, token,
-                          gcs_client, num_workers, embedded, log_to_driver)
+                          None, num_workers, embedded, log_to_driver)
     try:
-        asyncio.run(manager.run(ready_path, parent_pid))
+        asyncio.run(manager.run(ready_path, parent_pid, connect_gcs))
     except Exception:
         traceback.print_exc()
         manager.shutdown()

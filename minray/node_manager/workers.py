@@ -1,9 +1,13 @@
 """Worker processes of one node: starting them and tracking what each is doing."""
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
+
+START_TIMEOUT_S = 30.0
 
 
 class WorkerState:
@@ -31,7 +35,7 @@ class WorkerState:
 
 
 class WorkerPool:
-    """Starts worker processes and keeps them registered by id."""
+    """Starts worker processes (forked by a zygote) and tracks them by id."""
 
     def __init__(self, session_dir, socket_path, store_name, node_id, inherit_output=True):
         self.session_dir = session_dir
@@ -39,70 +43,69 @@ class WorkerPool:
         self.store_name = store_name
         self.node_id = node_id
         self.inherit_output = inherit_output
-        self.processes = {}         # worker id -> Popen
-        self.starting = set()       # worker ids started but not yet connected
+        self.zygote = None
+        self.starting = {}          # worker id -> time it was requested
         self.workers = {}           # worker id -> WorkerState (connected)
-        self.start_times = {}
+
+    def _ensure_zygote(self):
+        if self.zygote is None or self.zygote.poll() is not None:
+            self.zygote = subprocess.Popen(
+                [sys.executable, "-m", "minray.worker.zygote"], stdin=subprocess.PIPE,
+                stdout=None if self.inherit_output else subprocess.DEVNULL)
+        return self.zygote
 
     def start(self):
         worker_id = uuid.uuid4().hex[:12]
-        env = dict(os.environ)
-        env["MINRAY_WORKER_ID"] = worker_id
-        cmd = [sys.executable, "-m", "minray.worker", "--socket", self.socket_path,
-               "--session-dir", self.session_dir, "--store", self.store_name,
-               "--node-id", self.node_id.hex(), "--worker-id", worker_id]
-        if self.inherit_output:
-            out = None
-        else:
-            out = open(os.path.join(self.session_dir, "logs", f"worker-{worker_id}.log"), "ab")
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT if out else None)
-        if out:
-            out.close()
-        self.processes[worker_id] = proc
-        self.starting.add(worker_id)
-        self.start_times[worker_id] = time.monotonic()
+        request = {"worker_id": worker_id, "socket": self.socket_path,
+                   "session_dir": self.session_dir, "store": self.store_name,
+                   "node_id": self.node_id.hex()}
+        if not self.inherit_output:
+            request["log_file"] = os.path.join(self.session_dir, "logs", f"worker-{worker_id}.log")
+        zygote = self._ensure_zygote()
+        zygote.stdin.write((json.dumps(request) + "\n").encode())
+        zygote.stdin.flush()
+        self.starting[worker_id] = time.monotonic()
         return worker_id
 
     def registered(self, worker_id, pid, conn):
-        self.starting.discard(worker_id)
+        self.starting.pop(worker_id, None)
         state = WorkerState(worker_id, pid)
         state.conn = conn
         self.workers[worker_id] = state
         return state
 
-    def reap_exited(self):
-        """Worker ids whose process exited before connecting (failed to start)."""
-        failed = []
-        for worker_id in list(self.starting):
-            proc = self.processes.get(worker_id)
-            if proc is not None and proc.poll() is not None:
-                self.starting.discard(worker_id)
-                failed.append((worker_id, proc.returncode))
-        return failed
+    def overdue(self, timeout=START_TIMEOUT_S):
+        """Workers requested long ago that never connected (they failed to start)."""
+        now = time.monotonic()
+        late = [w for w, t in self.starting.items() if now - t > timeout]
+        for worker_id in late:
+            del self.starting[worker_id]
+        if self.zygote is not None and self.zygote.poll() is not None:
+            late.extend(self.starting)          # the zygote died: nobody is coming
+            self.starting.clear()
+        return late
 
     def remove(self, worker_id):
-        self.workers.pop(worker_id, None)
-        proc = self.processes.pop(worker_id, None)
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-        if proc is not None:
-            try:
-                proc.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                pass
+        state = self.workers.pop(worker_id, None)
+        if state is not None:
+            _kill(state.pid)
 
-    def stop_all(self, timeout=2.0):
-        for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + timeout
-        for proc in self.processes.values():
-            try:
-                proc.wait(timeout=max(0.01, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.processes.clear()
+    def stop_all(self):
+        for state in self.workers.values():
+            _kill(state.pid, signal.SIGTERM)
         self.workers.clear()
         self.starting.clear()
+        if self.zygote is not None:
+            self.zygote.stdin.close()
+            try:
+                self.zygote.wait(2.0)
+            except subprocess.TimeoutExpired:
+                self.zygote.kill()
+                self.zygote.wait()
+
+
+def _kill(pid, sig=signal.SIGKILL):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -6,7 +6,6 @@ it with minray.serialization to store Python values, numpy arrays zero-copy.
 """
 import os
 
-import psutil
 
 from minray._core.store import OBJECT_ID_SIZE, SHM_DIR, PinnedBuffer, SharedStore
 from minray.serialization import deserialize, serialize
@@ -26,6 +25,7 @@ SHM_HEADROOM = 0.8
 
 def default_capacity():
     """A sensible object store size for this machine, in bytes."""
+    import psutil  # lazily: most processes never need it
     ram = psutil.virtual_memory().total
     st = os.statvfs(SHM_DIR)
     shm_free = st.f_bavail * st.f_frsize
