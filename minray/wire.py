@@ -174,17 +174,49 @@ class FrameReader:
 
 # ---------------------------------------------------------------- asyncio side
 
+class OutputBatcher:
+    """Collects replies so each connection is written once per batch.
+
+    While an incoming batch of frames is handled, messages only queue; at the
+    end of the batch every connection with output is written in one call.
+    Messages sent outside a batch (timers, callbacks) flush on the next loop
+    iteration.
+    """
+
+    def __init__(self):
+        self.dirty = []
+        self.depth = 0
+        self.scheduled = False
+        self.before_flush = None      # hook run before writing (e.g. dispatch)
+
+    def mark(self, protocol):
+        self.dirty.append(protocol)
+        if self.depth == 0 and not self.scheduled:
+            import asyncio
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self):
+        self.scheduled = False
+        if self.before_flush is not None:
+            self.before_flush()
+        dirty, self.dirty = self.dirty, []
+        for protocol in dirty:
+            protocol._flush()
+
+
 class FramedServerProtocol:
     """asyncio protocol: handshake first, then frames to message_received().
 
-    Outgoing messages are queued and written once per event-loop iteration,
-    so a burst of replies costs one system call. Subclasses implement
-    message_received(message) and may override authenticated() and lost().
+    Subclasses implement message_received(message) and may override
+    authenticated() and lost(). Output goes through an OutputBatcher shared
+    by all connections of a server.
     """
 
-    def __init__(self, token, name="service"):
+    def __init__(self, token, name="service", batcher=None):
         self.token = token
         self.name = name
+        self.batcher = batcher or OutputBatcher()
         self.transport = None
         self.is_authenticated = False
         self.buffer = bytearray()
@@ -213,14 +245,6 @@ class FramedServerProtocol:
             "%s: dropping connection from %s: %s", self.name, self.peer, reason)
         self.transport.abort()
 
-    def reject(self, reason):
-        """Tell a peer with a wrong token so (it must not retry), then close."""
-        import logging
-        logging.getLogger(f"minray.{self.name}").warning(
-            "%s: rejecting connection from %s: %s", self.name, self.peer, reason)
-        self.transport.write(REJECTED)
-        self.transport.close()
-
     def connection_lost(self, exc):
         self.closed = True
         if self.handshake_timer:
@@ -237,13 +261,12 @@ class FramedServerProtocol:
         if self.closed:
             return
         if not self.outbox:
-            import asyncio
-            asyncio.get_running_loop().call_soon(self._flush)
+            self.batcher.mark(self)
         self.outbox.append(encode(message))
 
     def _flush(self):
         if self.outbox and not self.closed:
-            self.transport.write(b"".join(self.outbox))
+            self.transport.write(b"".join(self.outbox) if len(self.outbox) > 1 else self.outbox[0])
         self.outbox.clear()
 
     def data_received(self, data):
@@ -256,17 +279,23 @@ class FramedServerProtocol:
             try:
                 proof = check_client_reply(self.token, self.nonce, reply)
             except AuthenticationError as exc:
-                self.reject(str(exc))
+                self.drop(str(exc))
                 return
             self.is_authenticated = True
             self.handshake_timer.cancel()
             self.transport.write(proof)
             self.authenticated()
+        batcher = self.batcher
+        batcher.depth += 1
         try:
             for payload in split_frames(self.buffer):
                 self.message_received(decode(payload))
         except ProtocolError as exc:
             self.drop(str(exc))
+        finally:
+            batcher.depth -= 1
+            if batcher.depth == 0:
+                batcher.flush()
 
     def eof_received(self):
         return False

@@ -13,6 +13,8 @@ from minray.gcs import GcsClient, GcsProcesses
 from minray.node_manager.server import run_node_manager
 from minray.session import read_token
 
+LOG_FLUSH_DELAY_S = 0.05
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="minray node manager")
@@ -43,17 +45,27 @@ def main(argv=None):
     def connect_gcs():
         if gcs_processes is not None:
             gcs_processes.start()
-        gcs = GcsClient.from_session(args.session_dir)
+        # The task log is background work: gathering it for 50 ms makes big
+        # batches and keeps the control store from waking once per task.
+        gcs = GcsClient.from_session(args.session_dir, flush_delay=LOG_FLUSH_DELAY_S)
         gcs.put("nodes", node_id, {"host": "127.0.0.1", "resources": resources,
                                    "state": "ALIVE", "pid": os.getpid(),
                                    "session_dir": args.session_dir})
         return gcs
 
+    profile_path = os.environ.get("MINRAY_PROFILE_NODE_MANAGER")
+    if profile_path:                  # developer aid: cProfile the whole run
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         run_node_manager(args.session_dir, node_id, resources, args.object_store_memory,
                          token, connect_gcs, args.num_workers, args.embedded, args.ready_file,
                          args.parent_pid, log_to_driver=not args.no_log_to_driver)
     finally:
+        if profile_path:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
         if gcs_processes is not None:
             gcs_processes.stop()
         if args.embedded:

@@ -56,7 +56,7 @@ def error_object(exc):
 
 class Connection(wire.FramedServerProtocol):
     def __init__(self, manager):
-        super().__init__(manager.token, name="node manager")
+        super().__init__(manager.token, name="node manager", batcher=manager.batcher)
         self.manager = manager
         self.role = None
         self.worker = None
@@ -98,6 +98,10 @@ class NodeManager:
         self.gcs = gcs_client
         self.gcs_backlog = []       # log entries made before the control store was up
         self.schedule_pending = False
+        # Dispatch once per batch of incoming messages, right before replies
+        # are written: one event-loop iteration per batch, not one per step.
+        self.batcher = wire.OutputBatcher()
+        self.batcher.before_flush = self._dispatch_if_pending
         self.stopping = None
         self.handlers = {
             "hello": self.on_hello, "fn": self.on_function, "submit": self.on_submit,
@@ -193,6 +197,10 @@ class NodeManager:
         if what == "resources":
             result = {"total": self.queues.total_resources,
                       "available": self.queues.available_resources}
+        elif what == "tasks":
+            result = [{"id": t.task_id.hex(), "name": t.spec[2],
+                       "state": "RUNNING" if t.worker is not None else "PENDING",
+                       "node": self.node_id.hex()} for t in self.tasks.values()]
         elif what == "stats":
             result = {"objects": self.objects.stats(), "tasks": len(self.tasks),
                       "workers": len(self.pool.workers), "ready": self.queues.num_ready,
@@ -264,7 +272,6 @@ class NodeManager:
             self.objects.expect(ids.return_object_id(task_id, index), conn)
         task = Task(task_id, spec, resources, max_retries, conn)
         self.tasks[task_id] = task
-        self._log_task(task, "PENDING")
         if not self.queues.feasible(resources):
             self.fail_task(task, *error_object(TaskUnschedulableError(
                 f"task {name} asks for {resources} but this cluster has "
@@ -303,8 +310,7 @@ class NodeManager:
         num_returns = task.spec[5]
         for index in range(1, num_returns + 1):
             object_id = ids.return_object_id(task.task_id, index)
-            entry = self.objects.set_ready(object_id, ERROR, meta, data)
-            self._log_object(object_id, entry, task.task_id)
+            self.objects.set_ready(object_id, ERROR, meta, data)
             self.object_ready(object_id)
         if error_text:
             self.report_error(task, error_text)
@@ -335,7 +341,8 @@ class NodeManager:
             self._finish(task, "FAILED" if error_text else "FINISHED")
             for object_id, kind, meta, payload in results:
                 entry = self.objects.set_ready(object_id, kind, meta, payload)
-                self._log_object(object_id, entry, task_id)
+                if kind == IN_STORE:
+                    self._log_object(object_id, entry, task_id)
                 self.object_ready(object_id)
             if error_text:
                 self.report_error(task, error_text)
@@ -416,7 +423,13 @@ class NodeManager:
     def schedule(self):
         if not self.schedule_pending:
             self.schedule_pending = True
-            asyncio.get_running_loop().call_soon(self._dispatch)
+            if self.batcher.depth == 0 and not self.batcher.scheduled:
+                self.batcher.scheduled = True
+                asyncio.get_running_loop().call_soon(self.batcher.flush)
+
+    def _dispatch_if_pending(self):
+        if self.schedule_pending:
+            self._dispatch()
 
     def _dispatch(self):
         self.schedule_pending = False
@@ -498,6 +511,11 @@ class NodeManager:
             self.gcs_backlog.append((table, key, value))
 
     def _log_task(self, task, state):
+        """One record per task, when it ends: its spec (the lineage) and state.
+
+        Tasks still queued or running are listed by the node manager itself
+        (info "tasks"), so the control store takes one write per task.
+        """
         task_id, function_id, name, args, kwarg_names, num_returns, resources, _ = task.spec
         self._log("tasks", task_id, {
             "name": name, "state": state, "function_id": function_id.hex(),
