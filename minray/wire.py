@@ -245,6 +245,14 @@ class FramedServerProtocol:
             "%s: dropping connection from %s: %s", self.name, self.peer, reason)
         self.transport.abort()
 
+    def reject(self, reason):
+        """Tell a peer with a wrong token so (it must not retry), then close."""
+        import logging
+        logging.getLogger(f"minray.{self.name}").warning(
+            "%s: rejecting connection from %s: %s", self.name, self.peer, reason)
+        self.transport.write(REJECTED)
+        self.transport.close()
+
     def connection_lost(self, exc):
         self.closed = True
         if self.handshake_timer:
@@ -279,7 +287,7 @@ class FramedServerProtocol:
             try:
                 proof = check_client_reply(self.token, self.nonce, reply)
             except AuthenticationError as exc:
-                self.drop(str(exc))
+                self.reject(str(exc))
                 return
             self.is_authenticated = True
             self.handshake_timer.cancel()
