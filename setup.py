@@ -5,7 +5,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CORE_MODULES = ["allocator", "store", "scheduler"]
+CORE_MODULES = ["allocator", "table", "store", "scheduler"]
 
 extensions = [
     Extension(

@@ -538,8 +538,8 @@ def test_views_hold_a_buffer_export_of_the_data(kind):
 
 
 def test_parallel_copy_path(monkeypatch):
-    monkeypatch.setattr(serialization, "_PARALLEL_COPY_MIN", 1 << 20)
-    monkeypatch.setattr(serialization, "_COPY_THREADS", 2)
+    monkeypatch.setattr(serialization.copying, "_PARALLEL_COPY_MIN", 1 << 20)
+    monkeypatch.setattr(serialization.copying, "_COPY_THREADS", 2)
     arr = np.random.default_rng(1).integers(0, 255, (3 << 20) + 17, dtype=np.uint8)
     out = roundtrip(arr)
     assert np.array_equal(out, arr)

@@ -4,7 +4,10 @@
 One file in /dev/shm per node holds a header, a fixed-size object table, a
 hash index over object ids and the data area (layout.pxd).  Every process of
 the node maps it once and operates on it directly under one process-shared
-robust mutex, so a put or get costs no message to another process.
+robust mutex, so a put or get costs no message to another process.  This
+module holds the handle, the operations and the pins; the object table (hash
+index, LRU list, free entries, eviction) is table.pyx and the data area's
+allocator is allocator.pyx.
 
 Pins: a process that reads an object holds a pin until every view of it is
 gone.  Pins are recorded as one bit per attached process (client slot) in the
@@ -26,16 +29,20 @@ from libc.string cimport memcmp, memcpy, memset
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 
 from minray._core.allocator cimport (
-    alloc_block, alloc_init, block_payload_capacity, check_and_rebuild,
-    free_block, largest_free_block, max_payload,
+    alloc_block, alloc_init, block_payload_capacity, check_and_rebuild, largest_free_block,
+    max_payload,
 )
 from minray._core.layout cimport (
     ALIGNMENT, ENTRY_CREATED, ENTRY_DELETING, ENTRY_FREE, ENTRY_SEALED, ID_SIZE,
-    MAX_CLIENTS, MAX_METADATA, NO_ENTRY, PIN_WORDS, ClientSlot, ObjectEntry,
+    MAX_CLIENTS, MAX_METADATA, NO_ENTRY, ClientSlot, ObjectEntry,
     PTHREAD_MUTEX_ROBUST, PTHREAD_PROCESS_SHARED, StoreHeader, pthread_mutex_consistent,
     pthread_mutex_init, pthread_mutex_lock, pthread_mutex_trylock, pthread_mutex_unlock,
     pthread_mutexattr_destroy, pthread_mutexattr_init, pthread_mutexattr_setpshared,
     pthread_mutexattr_setrobust, pthread_mutexattr_t,
+)
+from minray._core.table cimport (
+    Table, entry_pinned, evict_one, find_entry, free_entry, index_insert, index_remove,
+    lru_push, lru_unlink, rebuild_table, return_entry, take_entry,
 )
 
 from minray.exceptions import (
@@ -47,20 +54,6 @@ cdef extern from "<errno.h>":
     enum:
         EBUSY
         EOWNERDEAD
-
-cdef extern from *:
-    """
-    static inline uint64_t minray_hash_id(const uint8_t* p) {
-        uint64_t a, b; uint32_t c;
-        memcpy(&a, p, 8); memcpy(&b, p + 8, 8); memcpy(&c, p + 16, 4);
-        uint64_t h = a * 0x9E3779B97F4A7C15ULL;
-        h ^= (b + 0x632BE59BD9B4E019ULL) * 0xC2B2AE3D27D4EB4FULL;
-        h ^= c;
-        h ^= h >> 29; h *= 0xBF58476D1CE4E5B9ULL; h ^= h >> 32;
-        return h;
-    }
-    """
-    uint64_t hash_id "minray_hash_id"(const uint8_t* p) nogil
 
 cdef extern from *:
     """
@@ -226,9 +219,8 @@ cdef class SharedStore:
     """A process's handle on the node's shared-memory object store."""
     cdef StoreHeader* h
     cdef ObjectEntry* entries
-    cdef uint32_t* index
     cdef uint8_t* data
-    cdef uint64_t index_mask
+    cdef Table table              # h, entries and data again, plus the hash index
     cdef _Mapping mapping
     cdef uint32_t* local_pins
     cdef readonly int slot
@@ -335,9 +327,12 @@ cdef class SharedStore:
     cdef _set_views(self):
         cdef uint8_t* base = self.mapping.base
         self.entries = <ObjectEntry*>(base + self.h.entries_offset)
-        self.index = <uint32_t*>(base + self.h.index_offset)
         self.data = base + self.h.data_offset
-        self.index_mask = self.h.index_slots - 1
+        self.table.h = self.h
+        self.table.entries = self.entries
+        self.table.index = <uint32_t*>(base + self.h.index_offset)
+        self.table.index_mask = self.h.index_slots - 1
+        self.table.data = self.data
         self.local_pins = <uint32_t*>calloc(self.h.max_objects, sizeof(uint32_t))
         if self.local_pins == NULL:
             raise MemoryError()
@@ -489,137 +484,20 @@ cdef class SharedStore:
 
     cdef int _repair(self) noexcept nogil:
         """Rebuild the free lists, hash index and LRU list from the entries."""
-        cdef uint32_t e
-        cdef ObjectEntry* ent
         if check_and_rebuild(&self.h.alloc, self.data) != 0:
             return -1
-        memset(self.index, 0, self.h.index_slots * sizeof(uint32_t))
-        self.h.lru_head = NO_ENTRY
-        self.h.lru_tail = NO_ENTRY
-        self.h.free_entry_head = NO_ENTRY
-        self.h.num_objects = 0
-        for e in range(self.h.entries_high_water):
-            ent = &self.entries[e]
-            if ent.state == ENTRY_FREE:
-                ent.next_free_entry = self.h.free_entry_head
-                self.h.free_entry_head = e
-                continue
-            if ent.block >= self.h.data_size:
-                return -1
-            self.h.num_objects += 1
-            if ent.state != ENTRY_DELETING:
-                self._index_insert(e)
-            if ent.state == ENTRY_SEALED and not self._pinned(ent):
-                self._lru_push(e)
-        return 0
+        return rebuild_table(&self.table)
 
-    # ------------------------------------------------------------ hash index
-    cdef int32_t _find(self, const uint8_t* oid) noexcept nogil:
-        cdef uint64_t i = hash_id(oid) & self.index_mask
-        cdef uint32_t slot
-        while True:
-            slot = self.index[i]
-            if slot == 0:
-                return NO_ENTRY
-            if memcmp(self.entries[slot - 1].object_id, oid, ID_SIZE) == 0:
-                return slot - 1
-            i = (i + 1) & self.index_mask
-
-    cdef void _index_insert(self, uint32_t e) noexcept nogil:
-        cdef uint64_t i = hash_id(self.entries[e].object_id) & self.index_mask
-        while self.index[i] != 0:
-            i = (i + 1) & self.index_mask
-        self.index[i] = e + 1
-
-    cdef void _index_remove(self, uint32_t e) noexcept nogil:
-        # Linear probing with backward-shift deletion: no tombstones pile up.
-        cdef uint64_t i = hash_id(self.entries[e].object_id) & self.index_mask
-        cdef uint64_t j, home
-        while self.index[i] != e + 1:
-            i = (i + 1) & self.index_mask
-        j = i
-        while True:
-            j = (j + 1) & self.index_mask
-            if self.index[j] == 0:
-                break
-            home = hash_id(self.entries[self.index[j] - 1].object_id) & self.index_mask
-            if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
-                self.index[i] = self.index[j]
-                i = j
-        self.index[i] = 0
-
-    # ------------------------------------------------------------ entries, LRU
-    cdef inline bint _pinned(self, ObjectEntry* ent) noexcept nogil:
-        cdef int w
-        for w in range(PIN_WORDS):
-            if ent.pins[w] != 0:
-                return True
-        return False
-
-    cdef void _lru_push(self, int32_t e) noexcept nogil:
-        cdef ObjectEntry* ent = &self.entries[e]
-        ent.lru_next = NO_ENTRY
-        ent.lru_prev = self.h.lru_tail
-        if self.h.lru_tail != NO_ENTRY:
-            self.entries[self.h.lru_tail].lru_next = e
-        else:
-            self.h.lru_head = e
-        self.h.lru_tail = e
-
-    cdef void _lru_unlink(self, int32_t e) noexcept nogil:
-        cdef ObjectEntry* ent = &self.entries[e]
-        if ent.lru_prev != NO_ENTRY:
-            self.entries[ent.lru_prev].lru_next = ent.lru_next
-        else:
-            self.h.lru_head = ent.lru_next
-        if ent.lru_next != NO_ENTRY:
-            self.entries[ent.lru_next].lru_prev = ent.lru_prev
-        else:
-            self.h.lru_tail = ent.lru_prev
-        ent.lru_prev = NO_ENTRY
-        ent.lru_next = NO_ENTRY
-
-    cdef int32_t _take_entry(self) noexcept nogil:
-        cdef int32_t e = self.h.free_entry_head
-        if e != NO_ENTRY:
-            self.h.free_entry_head = self.entries[e].next_free_entry
-            return e
-        if self.h.entries_high_water < self.h.max_objects:
-            e = self.h.entries_high_water
-            self.h.entries_high_water += 1
-            return e
-        return NO_ENTRY
-
-    cdef void _free_entry(self, int32_t e) noexcept nogil:
-        """Free the block and the entry (already out of the index and LRU)."""
-        cdef ObjectEntry* ent = &self.entries[e]
-        ent.state = ENTRY_FREE
-        free_block(&self.h.alloc, self.data, ent.block)
-        ent.generation += 1
-        ent.next_free_entry = self.h.free_entry_head
-        self.h.free_entry_head = e
-        self.h.num_objects -= 1
-
-    cdef bint _evict_one(self) noexcept nogil:
-        cdef int32_t e = self.h.lru_head
-        if e == NO_ENTRY:
-            return False
-        self._lru_unlink(e)
-        self._index_remove(e)
-        self.h.evictions += 1
-        self.h.evicted_bytes += self.entries[e].data_size
-        self._free_entry(e)
-        return True
-
+    # ------------------------------------------------------------ pins
     cdef void _drop_pin_bit(self, int32_t e, int slot) noexcept nogil:
         cdef ObjectEntry* ent = &self.entries[e]
         ent.pins[slot >> 6] &= ~((<uint64_t>1) << (slot & 63))
-        if self._pinned(ent):
+        if entry_pinned(ent):
             return
         if ent.state == ENTRY_DELETING:
-            self._free_entry(e)
+            free_entry(&self.table, e)
         elif ent.state == ENTRY_SEALED:
-            self._lru_push(e)
+            lru_push(&self.table, e)
 
     cdef void _clear_slot(self, int slot) noexcept nogil:
         """Drop every pin and unsealed object of a client slot, then free it."""
@@ -632,8 +510,8 @@ cdef class SharedStore:
             if ent.pins[slot >> 6] & ((<uint64_t>1) << (slot & 63)):
                 self._drop_pin_bit(e, slot)
             elif ent.state == ENTRY_CREATED and ent.creator_slot == slot:
-                self._index_remove(e)
-                self._free_entry(e)
+                index_remove(&self.table, e)
+                free_entry(&self.table, e)
         self.h.clients[slot].pid = 0
         self.h.num_clients -= 1
 
@@ -646,18 +524,17 @@ cdef class SharedStore:
         cdef ObjectEntry* ent
         if payload > max_payload(self.h.data_size):
             return ERR_TOO_BIG
-        if self._find(oid) != NO_ENTRY:
+        if find_entry(&self.table, oid) != NO_ENTRY:
             return ERR_EXISTS
-        e = self._take_entry()
+        e = take_entry(&self.table)
         while e == NO_ENTRY:
-            if not self._evict_one():
+            if not evict_one(&self.table):
                 return ERR_TABLE_FULL
-            e = self._take_entry()
+            e = take_entry(&self.table)
         block = alloc_block(&self.h.alloc, self.data, payload)
         while block == <uint64_t>-1:
-            if not self._evict_one():
-                self.entries[e].next_free_entry = self.h.free_entry_head
-                self.h.free_entry_head = e
+            if not evict_one(&self.table):
+                return_entry(&self.table, e)
                 return ERR_FULL_PINNED
             block = alloc_block(&self.h.alloc, self.data, payload)
         ent = &self.entries[e]
@@ -670,7 +547,7 @@ cdef class SharedStore:
         ent.lru_prev = NO_ENTRY
         ent.lru_next = NO_ENTRY
         ent.state = ENTRY_CREATED
-        self._index_insert(e)
+        index_insert(&self.table, e)
         self.h.num_objects += 1
         out[0] = e
         return OK
@@ -758,8 +635,6 @@ cdef class SharedStore:
     def seal(self, bytes object_id):
         """Make a created object immutable and readable by every process."""
         cdef const uint8_t* oid = self._id_ptr(object_id)
-        cdef int32_t e
-        cdef int code = OK
         self._check_usable()
         mv = self.writers.pop(object_id, None)
         if mv is not None:
@@ -770,45 +645,40 @@ cdef class SharedStore:
                 raise ObjectStoreError(
                     f"object {object_id.hex()} cannot be sealed while views of its write "
                     "buffer are alive; delete them first") from None
-        self._lock()
-        e = self._find(oid)
-        if e == NO_ENTRY:
-            code = ERR_NOT_FOUND
-        elif self.entries[e].state != ENTRY_CREATED:
-            code = ERR_ALREADY_SEALED
-        elif self.entries[e].creator_slot != self.slot:
-            code = ERR_NOT_CREATOR
-        else:
-            self.entries[e].state = ENTRY_SEALED
-            if not self._pinned(&self.entries[e]):
-                self._lru_push(e)
-        self._unlock()
-        if code != OK:
-            self._raise(code, object_id)
+        self._end_creation(object_id, oid, True)
 
     def abort(self, bytes object_id):
         """Discard an object that was created but not sealed."""
         cdef const uint8_t* oid = self._id_ptr(object_id)
-        cdef int32_t e
-        cdef int code = OK
         self._check_usable()
         mv = self.writers.pop(object_id, None)
         if mv is not None:
             mv.release()
+        self._end_creation(object_id, oid, False)
+
+    cdef int _end_creation(self, bytes object_id, const uint8_t* oid, bint seal) except -1:
+        """Seal (or, with seal false, discard) an object this process is creating."""
+        cdef int32_t e
+        cdef int code = OK
         self._lock()
-        e = self._find(oid)
+        e = find_entry(&self.table, oid)
         if e == NO_ENTRY:
             code = ERR_NOT_FOUND
         elif self.entries[e].state != ENTRY_CREATED:
             code = ERR_ALREADY_SEALED
         elif self.entries[e].creator_slot != self.slot:
             code = ERR_NOT_CREATOR
+        elif seal:
+            self.entries[e].state = ENTRY_SEALED
+            if not entry_pinned(&self.entries[e]):
+                lru_push(&self.table, e)
         else:
-            self._index_remove(e)
-            self._free_entry(e)
+            index_remove(&self.table, e)
+            free_entry(&self.table, e)
         self._unlock()
         if code != OK:
             self._raise(code, object_id)
+        return 0
 
     def put(self, bytes object_id, data, bytes metadata=b""):
         """Create, fill and seal an object from a bytes-like value in one call."""
@@ -832,7 +702,7 @@ cdef class SharedStore:
         cdef uint64_t data_size = 0
         self._check_usable()
         self._lock()
-        e = self._find(oid)
+        e = find_entry(&self.table, oid)
         if e == NO_ENTRY:
             code = ERR_NOT_FOUND
         else:
@@ -841,8 +711,8 @@ cdef class SharedStore:
                 code = ERR_NOT_SEALED
             else:
                 if self.local_pins[e] == 0:
-                    if not self._pinned(ent):
-                        self._lru_unlink(e)
+                    if not entry_pinned(ent):
+                        lru_unlink(&self.table, e)
                     ent.pins[self.slot >> 6] |= (<uint64_t>1) << (self.slot & 63)
                 self.local_pins[e] += 1
                 self.live_pins += 1
@@ -881,7 +751,7 @@ cdef class SharedStore:
         cdef bint found
         self._check_usable()
         self._lock()
-        e = self._find(oid)
+        e = find_entry(&self.table, oid)
         found = e != NO_ENTRY and self.entries[e].state == ENTRY_SEALED
         self._unlock()
         return found
@@ -894,7 +764,7 @@ cdef class SharedStore:
         cdef ObjectEntry* ent
         self._check_usable()
         self._lock()
-        e = self._find(oid)
+        e = find_entry(&self.table, oid)
         if e == NO_ENTRY:
             code = ERR_NOT_FOUND
         else:
@@ -902,12 +772,12 @@ cdef class SharedStore:
             if ent.state == ENTRY_CREATED:
                 code = ERR_NOT_SEALED
             else:
-                self._index_remove(e)
-                if self._pinned(ent):
+                index_remove(&self.table, e)
+                if entry_pinned(ent):
                     ent.state = ENTRY_DELETING
                 else:
-                    self._lru_unlink(e)
-                    self._free_entry(e)
+                    lru_unlink(&self.table, e)
+                    free_entry(&self.table, e)
         self._unlock()
         if code == ERR_NOT_SEALED:
             raise ObjectStoreError(
@@ -953,7 +823,7 @@ cdef class SharedStore:
         self._lock()
         for e in range(self.h.entries_high_water):
             ent = &self.entries[e]
-            if ent.state != ENTRY_FREE and self._pinned(ent):
+            if ent.state != ENTRY_FREE and entry_pinned(ent):
                 pinned_objects += 1
                 pinned_bytes += ent.data_size
         largest = largest_free_block(&self.h.alloc, self.data)
@@ -1014,7 +884,7 @@ cdef class SharedStore:
         cdef int32_t e
         cdef uint64_t cap = 0
         self._lock()
-        e = self._find(oid)
+        e = find_entry(&self.table, oid)
         if e != NO_ENTRY:
             cap = block_payload_capacity(self.data, self.entries[e].block)
         self._unlock()

@@ -11,7 +11,6 @@ old connection never acknowledged, and re-subscribes.
 import collections
 import itertools
 import logging
-import socket
 import threading
 import time
 import zlib
@@ -380,7 +379,9 @@ class GcsClient:
             full = len(shard.pending) >= self.batch_size
         if full:
             shard.flush()
-        else:
+        elif number not in self._dirty:
+            # Unlocked check: the write is appended first, so a shard already
+            # marked dirty is flushed after it. Saves a lock per write.
             with self._wake:
                 if not self._dirty:
                     self._wake.notify()
@@ -462,12 +463,10 @@ class GcsClient:
             self._check(table, key)
             numbers = [self._shard(key)]
         sub = Subscription(self, table, key, callback)
-        on_reply = None
-        if key is not None:
-            # Delivered by the reader thread as the reply arrives, so that it
-            # comes before any change pushed after it (never after a newer value).
-            def on_reply(current):
-                callback(table, key, decode_value(current))
+        # A key's current value is delivered by the reader thread as the reply
+        # arrives, so it comes before any change pushed after it.
+        on_reply = None if key is None else (
+            lambda current: callback(table, key, decode_value(current)))
         for number in numbers:
             channel = self._subscriber(number)
             channel.subscriptions.setdefault((table, key), []).append(sub)

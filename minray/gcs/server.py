@@ -240,9 +240,10 @@ async def serve(session_dir, shards, ports, host, map_bytes, max_map_bytes, fsyn
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if parent_pid:
-        watcher = asyncio.ensure_future(_watch_parent(parent_pid, stop))
+    watcher = asyncio.ensure_future(_watch_parent(parent_pid, stop)) if parent_pid else None
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     for server in servers:
         server.close()
     for storage in storages:

@@ -24,7 +24,6 @@ node manager -> client:
 import asyncio
 import logging
 import os
-import shutil
 import signal
 import time
 import traceback
@@ -359,8 +358,7 @@ class NodeManager:
         if worker.queue or worker.dead:
             return
         if worker.lease is not None:
-            if not worker.blocked:
-                self.queues.release(worker.lease)
+            self.queues.release(_kept(worker.lease) if worker.blocked else worker.lease)
             self.free_gpus.extend(worker.gpu_ids)
             worker.gpu_ids = []
             worker.lease = None
@@ -374,7 +372,7 @@ class NodeManager:
             return
         worker.blocked = True
         if worker.lease is not None:
-            self.queues.release(worker.lease)
+            self.queues.release(_lent(worker.lease))
         for task_id in reversed(not_started):
             task = self._pop_from_worker(worker, task_id)
             if task is not None:
@@ -388,15 +386,15 @@ class NodeManager:
             return
         worker.blocked = False
         if worker.lease is not None:
-            self.queues.acquire(worker.lease)    # may oversubscribe briefly
+            self.queues.acquire(_lent(worker.lease))    # may oversubscribe briefly
 
     def worker_died(self, worker):
         worker.dead = True
         if worker in self.idle:
             self.idle.remove(worker)
         self.pool.remove(worker.worker_id)
-        if worker.lease is not None and not worker.blocked:
-            self.queues.release(worker.lease)
+        if worker.lease is not None:
+            self.queues.release(_kept(worker.lease) if worker.blocked else worker.lease)
         self.free_gpus.extend(worker.gpu_ids)
         queue, worker.queue = worker.queue, []
         for task in reversed(queue[1:]):           # never started: just requeue
@@ -529,6 +527,18 @@ class NodeManager:
             "kind": {"v": "inline", "s": "store", "e": "error"}[entry.kind],
             "size": entry.size, "node": self.node_id.hex(),
             "task_id": task_id.hex() if task_id else None})
+
+
+def _lent(lease):
+    """The part of a lease a worker blocked in get/wait lends out: its CPUs.
+    GPUs and custom resources stay held (as in Ray), so GPU ids stay unique."""
+    cpus = lease.get("CPU")
+    return {"CPU": cpus} if cpus else {}
+
+
+def _kept(lease):
+    """The part of a lease a blocked worker still holds."""
+    return {name: amount for name, amount in lease.items() if name != "CPU"}
 
 
 def run_node_manager(session_dir, node_id, resources, store_capacity, token, connect_gcs,

@@ -12,7 +12,7 @@ from minray.serialization import deserialize, serialize
 
 __all__ = [
     "OBJECT_ID_SIZE", "PinnedBuffer", "SharedStore", "default_capacity",
-    "get_value", "put_value", "store_name",
+    "get_value", "put_value", "store_name", "write_serialized",
 ]
 
 # The default store takes this share of RAM, never more than the free space
@@ -37,18 +37,26 @@ def store_name(session, node):
     return f"minray-{session}-{node}"
 
 
-def put_value(store, object_id, value):
-    """Serialize `value` straight into the store under `object_id` and seal it."""
-    serialized = serialize(value)
+def write_serialized(store, object_id, serialized):
+    """Create, fill and seal an object from a SerializedObject.
+
+    If writing fails, the half-written object is aborted: nothing is left.
+    """
     buf = store.create_object(object_id, serialized.total_size, serialized.metadata)
+    written = False
     try:
         serialized.write_to(buf)
-    except BaseException:
-        del buf
-        store.abort(object_id)
-        raise
-    del buf
+        written = True
+    finally:
+        buf = None            # drop our view: seal and abort release the buffer
+        if not written:
+            store.abort(object_id)
     store.seal(object_id)
+
+
+def put_value(store, object_id, value):
+    """Serialize `value` straight into the store under `object_id` and seal it."""
+    write_serialized(store, object_id, serialize(value))
 
 
 def get_value(store, object_id):

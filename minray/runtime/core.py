@@ -16,8 +16,8 @@ from minray import ids, wire
 from minray.exceptions import (
     GetTimeoutError, ObjectLostError, ObjectNotFoundError, RaySystemError, RayTaskError,
 )
-from minray.object_store import SharedStore
-from minray.serialization import deserialize, serialize
+from minray.object_store import SharedStore, write_serialized
+from minray.serialization import deserialize
 
 INLINE_MAX_BYTES = 100 * 1024      # values up to this size travel in messages
 INLINE, IN_STORE, ERROR = "v", "s", "e"
@@ -196,15 +196,7 @@ class CoreClient:
             self.owned.add(object_id)
             self.send(("put", object_id, INLINE, meta, payload))
             return
-        buf = self.store.create_object(object_id, serialized.total_size, meta)
-        try:
-            serialized.write_to(buf)
-        except BaseException:
-            del buf
-            self.store.abort(object_id)
-            raise
-        del buf
-        self.store.seal(object_id)
+        write_serialized(self.store, object_id, serialized)
         self.objects[object_id] = (IN_STORE, meta, serialized.total_size)
         self.owned.add(object_id)
         self.send(("put", object_id, IN_STORE, meta, serialized.total_size))

@@ -8,6 +8,7 @@ import cloudpickle
 
 from minray import ids
 from minray.exceptions import RayTaskError, SerializationError
+from minray.object_store import write_serialized
 from minray.runtime import core
 from minray.serialization import deserialize, serialize
 
@@ -130,11 +131,7 @@ class Executor:
                 serialized.write_to(memoryview(buf))
                 results.append((object_id, "v", serialized.metadata, bytes(buf)))
             else:
-                buf = self.client.store.create_object(object_id, serialized.total_size,
-                                                      serialized.metadata)
-                serialized.write_to(buf)
-                del buf
-                self.client.store.seal(object_id)
+                write_serialized(self.client.store, object_id, serialized)
                 results.append((object_id, "s", serialized.metadata, serialized.total_size))
         return results
 
@@ -165,7 +162,7 @@ def run_worker(socket_path, session_dir, store_name, node_id, worker_id):
     core.set_current(client)
     try:
         Executor(client, worker_id).loop()
-    except Exception as exc:
+    except Exception:
         if client.closed:
             return              # the node manager is gone: so are we
         raise
