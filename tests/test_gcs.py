@@ -777,3 +777,23 @@ def test_map_grows_and_keeps_its_data_after_restart(cluster, client):
     c2.put("functions", b"one-more", os.urandom(2 * MiB))
     c2.flush()
     assert len(c2.get("functions", b"one-more")) == 2 * MiB
+
+
+def test_a_hung_shard_gives_an_error_not_a_hang(tmp_path):
+    """A stopped (not dead) server: requests fail within their timeouts."""
+    session = create_session_dir(root=str(tmp_path))
+    gcs = GcsProcesses(session, num_shards=1, restart=False).start()
+    client = GcsClient(gcs.addresses, read_token(session), reconnect_timeout=1.0,
+                       request_timeout=0.5)
+    try:
+        client.put("jobs", b"j", 1)
+        client.flush()
+        os.kill(gcs.pids()[0], signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(ControlStoreError):
+            client.get("jobs", b"j")
+        assert time.monotonic() - start < 10
+    finally:
+        os.kill(gcs.pids()[0], signal.SIGCONT)
+        client.close()
+        gcs.stop()

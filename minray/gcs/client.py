@@ -23,6 +23,7 @@ log = logging.getLogger("minray.gcs")
 DEFAULT_BATCH = 1000
 DEFAULT_FLUSH_DELAY_S = 0.002
 DEFAULT_RECONNECT_TIMEOUT_S = 30.0
+REQUEST_TIMEOUT_S = 30.0
 # Write batches sent but not yet acknowledged are kept for re-sending after a
 # reconnect; past this many, the sender waits for acknowledgements first.
 MAX_UNACKED_BATCHES = 64
@@ -40,10 +41,11 @@ def shard_for(key, num_shards):
 class _Connection:
     """An authenticated socket with in-order request/response matching."""
 
-    def __init__(self, address, token, reconnect_timeout):
+    def __init__(self, address, token, reconnect_timeout, read_timeout=None):
         self.address = address
         self.token = token
         self.reconnect_timeout = reconnect_timeout
+        self.read_timeout = read_timeout
         self.sock = None
         self.reader = None
         self.ids = itertools.count(1)
@@ -55,7 +57,9 @@ class _Connection:
         delay = 0.01
         while True:
             try:
-                self.sock = wire.connect(self.address, self.token)
+                handshake = min(wire.HANDSHAKE_TIMEOUT_S, max(0.1, deadline - time.monotonic()))
+                self.sock = wire.connect(self.address, self.token, timeout=handshake)
+                self.sock.settimeout(self.read_timeout)
                 self.reader = wire.FrameReader(self.sock)
                 return
             except wire.AuthenticationError:
@@ -86,8 +90,10 @@ class _Connection:
 class _Shard:
     """Requests and batched writes to one shard (one connection, one lock)."""
 
-    def __init__(self, address, token, reconnect_timeout):
-        self.conn = _Connection(address, token, reconnect_timeout)
+    def __init__(self, address, token, reconnect_timeout, request_timeout=REQUEST_TIMEOUT_S):
+        # A reply that does not come within the request timeout counts as a
+        # lost connection (a hung server): reconnect, give up at the deadline.
+        self.conn = _Connection(address, token, reconnect_timeout, request_timeout)
         self.lock = threading.Lock()
         self.pending = []                       # writes not yet sent
         self.unacked = collections.OrderedDict()  # request id -> batch
@@ -310,14 +316,16 @@ class GcsClient:
 
     def __init__(self, addresses, token, batch_size=DEFAULT_BATCH,
                  flush_delay=DEFAULT_FLUSH_DELAY_S,
-                 reconnect_timeout=DEFAULT_RECONNECT_TIMEOUT_S):
+                 reconnect_timeout=DEFAULT_RECONNECT_TIMEOUT_S,
+                 request_timeout=REQUEST_TIMEOUT_S):
         if not addresses:
             raise ValueError("GcsClient needs at least one shard address")
         self.addresses = [tuple(a) if not isinstance(a, str) else a for a in addresses]
         self.token = token
         self.batch_size = batch_size
         self.flush_delay = flush_delay
-        self.shards = [_Shard(a, token, reconnect_timeout) for a in self.addresses]
+        self.shards = [_Shard(a, token, reconnect_timeout, request_timeout)
+                       for a in self.addresses]
         self.reconnect_timeout = reconnect_timeout
         self.subscribers = [None] * len(self.shards)
         self._wake = threading.Condition()
