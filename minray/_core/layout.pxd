@@ -5,7 +5,8 @@
 #
 #   [StoreHeader | ObjectEntry[max_objects] | uint32 index[index_slots] | data area]
 #
-# The data area is managed by the TLSF allocator (allocator.pyx); each object
+# The object table and hash index are managed by table.pyx, the data area by
+# the TLSF allocator (allocator.pyx); each object
 # is one allocated block: [metadata, padded to 64 bytes][data].
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 
