@@ -63,8 +63,8 @@ class ShardStorage:
         if self.map_bytes >= self.max_map_bytes:
             raise ControlStoreFullError(
                 f"control store shard {self.shard} is full: its LMDB map reached "
-                f"max_map_bytes={self.max_map_bytes}; start the head with a larger "
-                "gcs_max_bytes or delete old entries")
+                f"max_map_bytes={self.max_map_bytes}; raise max_map_bytes "
+                "(GcsProcesses(max_map_bytes=...), or the server's --max-map-bytes) or delete old entries")
         self.map_bytes = min(self.map_bytes * 2, self.max_map_bytes)
         self.env.set_mapsize(self.map_bytes)
 
