@@ -60,13 +60,24 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None,
             cluster.start()
             session_dir, socket_path = cluster.session_dir, cluster.socket_path
         else:
+            given = [name for name, value in (
+                ("num_cpus", num_cpus), ("num_gpus", num_gpus), ("resources", resources),
+                ("object_store_memory", object_store_memory))
+                if value is not None]
+            if num_gcs_shards != 1:
+                given.append("num_gcs_shards")
+            if given:
+                # As in Ray: a running cluster's resources were fixed when it started.
+                raise ValueError(
+                    f"init(address=...) joins a running cluster, whose resources were set "
+                    f"when it started; do not pass {', '.join(given)}")
             cluster = None
             session_dir, socket_path = find_node_socket(address)
         try:
             job_id = os.urandom(ids.JOB_ID_SIZE)
             client = core.CoreClient(socket_path, read_token(session_dir), "driver",
                                      {"pid": os.getpid(), "embedded_owner": cluster is not None,
-                                      "job_id": job_id},
+                                      "job_id": job_id, "code_paths": _code_paths()},
                                      root_task_id=ids.driver_task_id(job_id))
             if not client.wait_until(lambda: client.welcome is not None, 30.0):
                 raise RaySystemError("the node manager did not answer within 30 s")
@@ -78,6 +89,13 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None,
         core.set_current(client)
         _State.client, _State.cluster, _State.session_dir = client, cluster, session_dir
         return _context()
+
+
+def _code_paths():
+    """The driver script's directory and the working directory (as Ray adds)."""
+    import sys
+    script_dir = os.path.abspath(sys.path[0]) if sys.path and sys.path[0] else None
+    return [p for p in dict.fromkeys([script_dir, os.getcwd()]) if p]
 
 
 def _context():
@@ -225,6 +243,8 @@ def wait(object_refs, *, num_returns=1, timeout=None, fetch_local=True):
         raise ValueError("wait() got the same ObjectRef more than once; pass each ref once")
     if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 1:
         raise ValueError(f"num_returns must be an int >= 1, got {num_returns!r}")
+    if not object_refs:
+        return [], []                       # as Ray: waiting for nothing is allowed
     if num_returns > len(object_refs):
         raise ValueError(f"num_returns ({num_returns}) is larger than the number of refs "
                          f"({len(object_refs)})")

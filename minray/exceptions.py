@@ -77,15 +77,22 @@ class RayTaskError(RayError):
         self.traceback_str = traceback_str
         self.cause = cause
         self.pid = pid
-        super().__init__(function_name, traceback_str, cause, pid)
+        # Not super(): in a dual class the next __init__ would be the cause
+        # class's, whose signature may differ (e.g. MyError(message, code)).
+        Exception.__init__(self, function_name, traceback_str, cause, pid)
 
     def __str__(self):
         where = f" (pid={self.pid})" if self.pid else ""
         return f"task {self.function_name}{where} failed:\n{self.traceback_str.rstrip()}"
 
     def as_instanceof_cause(self):
-        cause_cls = type(self.cause)
-        if isinstance(self.cause, RayTaskError) or not _can_subclass(cause_cls):
+        cause = self.cause
+        while isinstance(cause, RayTaskError):
+            # The task re-raised a nested task's error: keep our traceback
+            # (it contains the nested one) and the original exception's type.
+            cause = cause.cause
+        cause_cls = type(cause)
+        if not _can_subclass(cause_cls):
             return self
         name = f"RayTaskError({cause_cls.__name__})"
         try:
@@ -96,7 +103,7 @@ class RayTaskError(RayError):
                 "__reduce__": _dual_reduce, "__module__": "minray.exceptions",
             })
             _dual_classes[cause_cls] = cls
-        return cls(self.function_name, self.traceback_str, self.cause, self.pid)
+        return cls(self.function_name, self.traceback_str, cause, self.pid)
 
 
 _dual_classes = {}

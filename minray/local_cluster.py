@@ -16,7 +16,7 @@ import time
 
 from minray.exceptions import RaySystemError
 from minray.object_store import default_capacity
-from minray.session import SESSION_ROOT, create_session_dir
+from minray.session import SESSION_ROOT, create_session_dir, node_socket_path
 
 START_TIMEOUT_S = 30.0
 LATEST_LINK = os.path.join(SESSION_ROOT, "session_latest")
@@ -72,7 +72,10 @@ class LocalCluster:
                "--ready-file", ready, "--num-workers", str(max(1, int(self.resources["CPU"])))]
         if not self.log_to_driver:
             cmd.append("--no-log-to-driver")
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        # Its own session: Ctrl-C in the driver's terminal interrupts the
+        # driver (KeyboardInterrupt) but must not kill the cluster under it.
+        # If the driver dies of it, the node manager sees its parent gone.
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not os.path.exists(ready):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -93,6 +96,22 @@ class LocalCluster:
                 self.process.wait()
         if self.session_dir:
             shutil.rmtree(self.session_dir, ignore_errors=True)
+            _remove_arenas(self.session_dir)
+
+
+def _remove_arenas(session_dir):
+    """The node manager unlinks its arena as it exits; if it was killed, we do."""
+    prefix = f"minray-{os.path.basename(session_dir)}-"
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except OSError:
+                pass
 
 
 def _kill_tree(pid):
@@ -134,11 +153,11 @@ def find_node_socket(address):
         session_dir = address
     else:
         session_dir = _session_of_gcs(address)
-    socket_path = os.path.join(session_dir, "sockets", "node_manager")
+    socket_path = node_socket_path(session_dir)
     if not os.path.exists(socket_path):
         raise ConnectionError(
             f"no minray node is running for {address!r} (no socket at {socket_path}); "
-            "start one with minray.init() or `minray start --head`")
+            "start one with minray.init() in another process first")
     return session_dir, socket_path
 
 

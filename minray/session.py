@@ -44,3 +44,17 @@ def read_token(session_dir):
             f"no cluster token at {path}: is this a minray session directory?") from None
     except ValueError:
         raise ValueError(f"the cluster token in {path} is damaged") from None
+
+
+# Unix socket paths must fit in sockaddr_un (108 bytes on Linux).
+MAX_SOCKET_PATH = 100
+
+
+def node_socket_path(session_dir):
+    """Where a session's node manager listens (shortened if the path is long)."""
+    path = os.path.join(session_dir, "sockets", "node_manager")
+    if len(path) <= MAX_SOCKET_PATH:
+        return path
+    import hashlib
+    digest = hashlib.sha1(os.path.abspath(session_dir).encode()).hexdigest()[:16]
+    return os.path.join("/tmp", f"minray-{digest}.sock")

@@ -37,7 +37,22 @@ def rows(table, client=None, limit=DEFAULT_LIMIT, prefix=b""):
 
 
 def tasks(client=None, limit=DEFAULT_LIMIT):
-    return rows("tasks", client, limit)
+    """Finished tasks (the control store's tasks table) and, when called in a
+    connected driver or worker without `client`, those still pending or
+    running on its node (the node manager logs a task when it ends)."""
+    live = _live_tasks() if client is None else []
+    out = rows("tasks", client, limit)
+    known = {row["id"] for row in out}
+    out.extend(row for row in live if row["id"] not in known)
+    return out[:limit]
+
+
+def _live_tasks():
+    from minray.runtime import core
+    runtime = core.current()
+    if runtime is None:
+        return []
+    return runtime.request_info("tasks") or []
 
 
 def objects(client=None, limit=DEFAULT_LIMIT):

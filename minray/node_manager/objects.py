@@ -8,8 +8,8 @@ inline objects of kind ERROR: a task that depends on one fails with it.
 Lifetime: an object is freed when its owner (the process that submitted the
 task or put the value) has dropped every ObjectRef to it and no queued task
 still needs it as an argument. A ref that was serialized into another value
-"escapes": its object is then kept (inline) or left evictable (in the store),
-because other processes may hold copies of the ref.
+"escapes": other processes may hold copies of it that we cannot count, so its
+object is kept (and pinned, if in the store) until the cluster shuts down.
 """
 INLINE = "v"
 IN_STORE = "s"
@@ -106,9 +106,7 @@ class ObjectTable:
         if not entry.ready:
             return                      # freed when its value arrives
         if entry.escaped:
-            if entry.pin is not None:   # leave it to LRU eviction
-                entry.pin = None
-            return
+            return      # copies of the ref may live anywhere: keep it until shutdown
         del self.entries[object_id]
         if entry.kind == IN_STORE:
             entry.pin = None

@@ -13,6 +13,7 @@ Messages, client -> node manager:
     ("escape", [object_id, ...])                  a ref was serialized
     ("done", [(task_id, results, seconds, error_text), ...])   worker results
     ("blocked", [task_id not started, ...]) / ("unblocked",)   lend the CPU
+    ("giveback", [task_id, ...])                  dispatched to a blocked worker
     ("info", request_id, what)                    resources, nodes
     ("shutdown",)                                 the embedded driver is done
 
@@ -37,12 +38,14 @@ from minray.node_manager.objects import ERROR, IN_STORE, ObjectTable
 from minray.node_manager.workers import WorkerPool
 from minray.object_store import SharedStore
 from minray.serialization import serialize
+from minray.session import node_socket_path
 
 log = logging.getLogger("minray.node_manager")
 
 PIPELINE_DEPTH = 16            # tasks queued ahead on one worker ...
 SHORT_TASK_S = 0.002           # ... only for functions that run this briefly
 MIN_MAX_WORKERS = 16
+UNLIMITED_RETRIES = 1 << 30      # max_retries=-1
 
 
 def error_object(exc):
@@ -78,7 +81,7 @@ class NodeManager:
         self.node_id = node_id
         self.token = token
         self.embedded = embedded
-        self.socket_path = os.path.join(session_dir, "sockets", "node_manager")
+        self.socket_path = node_socket_path(session_dir)
         self.store_name = f"minray-{os.path.basename(session_dir)}-{node_id.hex()[:8]}"
         self.store = SharedStore.create(self.store_name, store_capacity)
         self.objects = ObjectTable(self.store)
@@ -94,6 +97,7 @@ class NodeManager:
         self.durations = {}        # function id -> recent run time (s)
         self.idle = []
         self.drivers = set()
+        self.code_paths = []       # drivers' script directories, for workers' sys.path
         self.gcs = gcs_client
         self.gcs_backlog = []       # log entries made before the control store was up
         self.schedule_pending = False
@@ -106,7 +110,8 @@ class NodeManager:
             "hello": self.on_hello, "fn": self.on_function, "submit": self.on_submit,
             "put": self.on_put, "sub": self.on_subscribe, "free": self.on_free,
             "escape": self.on_escape, "done": self.on_done, "blocked": self.on_blocked,
-            "unblocked": self.on_unblocked, "info": self.on_info, "shutdown": self.on_shutdown,
+            "unblocked": self.on_unblocked, "giveback": self.on_giveback, "info": self.on_info,
+            "shutdown": self.on_shutdown,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -169,10 +174,18 @@ class NodeManager:
         conn.role = role
         if role == "worker":
             conn.worker = self.pool.registered(info["worker_id"], info["pid"], conn)
+            if self.code_paths:
+                conn.send(("path", self.code_paths))
             self.idle.append(conn.worker)
             self.schedule()
             return
         self.drivers.add(conn)
+        # Workers import what the driver's script imports from beside it.
+        new_paths = [p for p in info.get("code_paths", ()) if p not in self.code_paths]
+        if new_paths:
+            self.code_paths.extend(new_paths)
+            for worker in self.pool.workers.values():
+                worker.conn.send(("path", self.code_paths))
         conn.embedded_owner = bool(info.get("embedded_owner"))
         conn.send(("welcome", {
             "node_id": self.node_id, "store_name": self.store_name,
@@ -269,7 +282,8 @@ class NodeManager:
         task_id, function_id, name, args, kwarg_names, num_returns, resources, max_retries = spec
         for index in range(1, num_returns + 1):
             self.objects.expect(ids.return_object_id(task_id, index), conn)
-        task = Task(task_id, spec, resources, max_retries, conn)
+        retries = UNLIMITED_RETRIES if max_retries == -1 else max_retries
+        task = Task(task_id, spec, resources, retries, conn)
         self.tasks[task_id] = task
         if not self.queues.feasible(resources):
             self.fail_task(task, *error_object(TaskUnschedulableError(
@@ -307,12 +321,12 @@ class NodeManager:
         task.extra = "failed"
         self._finish(task, "FAILED")
         num_returns = task.spec[5]
+        if error_text:
+            self.report_error(task, error_text)
         for index in range(1, num_returns + 1):
             object_id = ids.return_object_id(task.task_id, index)
             self.objects.set_ready(object_id, ERROR, meta, data)
             self.object_ready(object_id)
-        if error_text:
-            self.report_error(task, error_text)
 
     def _finish(self, task, state):
         self.tasks.pop(task.task_id, None)
@@ -327,6 +341,10 @@ class NodeManager:
         self._log("errors", os.urandom(8), {
                 "type": "task", "function": task.spec[2], "task_id": task.task_id.hex(),
                 "message": text, "time": time.time(), "node": self.node_id.hex()})
+        if self.gcs is not None:
+            # Sent before the failed result reaches the driver, so error_info()
+            # called right after get() raised already sees it.
+            self.gcs.flush(wait=False)
 
     def on_done(self, conn, items):
         worker = conn.worker
@@ -338,13 +356,13 @@ class NodeManager:
             previous = self.durations.get(function_id, seconds)
             self.durations[function_id] = 0.8 * previous + 0.2 * seconds
             self._finish(task, "FAILED" if error_text else "FINISHED")
+            if error_text:                 # recorded before the driver can see it
+                self.report_error(task, error_text)
             for object_id, kind, meta, payload in results:
                 entry = self.objects.set_ready(object_id, kind, meta, payload)
                 if kind == IN_STORE:
                     self._log_object(object_id, entry, task_id)
                 self.object_ready(object_id)
-            if error_text:
-                self.report_error(task, error_text)
         self._maybe_release(worker)
         self.schedule()
 
@@ -373,10 +391,21 @@ class NodeManager:
         worker.blocked = True
         if worker.lease is not None:
             self.queues.release(_lent(worker.lease))
-        for task_id in reversed(not_started):
+        self.on_giveback(conn, not_started)
+
+    def on_giveback(self, conn, task_ids):
+        """Queued tasks a worker hands back unstarted: it blocked (in get or
+        wait) before or after they reached it. Another worker runs them."""
+        worker = conn.worker
+        if worker is None:
+            return
+        for task_id in reversed(task_ids):
             task = self._pop_from_worker(worker, task_id)
             if task is not None:
                 task.worker = None
+                # The dispatch it drops may have carried the function's code:
+                # send the code again with its next task of this function.
+                worker.functions.discard(task.spec[1])
                 self.queues.push_ready(task, front=True)
         self.schedule()
 

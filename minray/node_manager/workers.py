@@ -46,6 +46,7 @@ class WorkerPool:
         self.zygote = None
         self.starting = {}          # worker id -> time it was requested
         self.workers = {}           # worker id -> WorkerState (connected)
+        self.stopped = False        # stop_all() ran: start nothing any more
 
     def _ensure_zygote(self):
         if self.zygote is None or self.zygote.poll() is not None:
@@ -55,6 +56,10 @@ class WorkerPool:
         return self.zygote
 
     def start(self):
+        if self.stopped:
+            # Shutting down (callbacks still run while the event loop closes):
+            # a worker started now would outlive its session directory.
+            return None
         worker_id = uuid.uuid4().hex[:12]
         request = {"worker_id": worker_id, "socket": self.socket_path,
                    "session_dir": self.session_dir, "store": self.store_name,
@@ -91,6 +96,7 @@ class WorkerPool:
             _kill(state.pid)
 
     def stop_all(self):
+        self.stopped = True
         for state in self.workers.values():
             _kill(state.pid, signal.SIGTERM)
         self.workers.clear()

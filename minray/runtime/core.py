@@ -21,6 +21,7 @@ from minray.serialization import deserialize
 
 INLINE_MAX_BYTES = 100 * 1024      # values up to this size travel in messages
 INLINE, IN_STORE, ERROR = "v", "s", "e"
+BOOKKEEPING_DELAY_S = 0.1          # longest a dropped ref waits to be reported
 
 _current = None                     # the CoreClient of this process
 
@@ -55,12 +56,15 @@ class CoreClient:
         self.request_ids = iter(range(1, 1 << 62))
         self.tasks = collections.deque()   # worker: dispatched, not started
         self.executing = False
+        self.lending = 0             # worker: inside get/wait with its CPU lent out
         self.current_task_id = root_task_id
         self.task_index = 0
         self.put_index = 0
         self.welcome = None
         self.store = None
         self.send(("hello", role, info))
+        threading.Thread(target=self._send_bookkeeping_loop, daemon=True,
+                         name="minray-refs").start()
 
     def attach_store(self, store_name):
         self.store = SharedStore.attach(store_name)
@@ -68,13 +72,27 @@ class CoreClient:
     # ------------------------------------------------------------ sending
     def send(self, message):
         frames = [wire.encode(message)]
-        if self.pending_escape or self.pending_free:
-            frames = self._bookkeeping_frames() + frames
         with self.send_lock:
+            # Built under the lock so escapes and frees reach the node manager
+            # in the order they happened, whichever thread sends them.
+            if self.pending_escape or self.pending_free:
+                frames = self._bookkeeping_frames() + frames
             try:
                 self.sock.sendall(b"".join(frames))
             except OSError as exc:
                 raise RaySystemError(f"lost the connection to the node manager: {exc}") from None
+
+    def _send_bookkeeping_loop(self):
+        # Dropped refs ride along with the next message; if none comes soon
+        # (an idle driver), send them anyway so their memory is freed.
+        while not self.closed:
+            time.sleep(BOOKKEEPING_DELAY_S)
+            if (self.pending_free or self.pending_escape) and not self.closed:
+                with self.send_lock:
+                    try:
+                        self.sock.sendall(b"".join(self._bookkeeping_frames()))
+                    except OSError:
+                        return
 
     def _bookkeeping_frames(self):
         # Escapes go before frees so a ref that was serialized is never freed.
@@ -91,13 +109,17 @@ class CoreClient:
     def wait_until(self, predicate, timeout=None):
         """Process incoming messages until predicate() is true or time runs out."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        polled = False
         while True:
             with self.cond:
                 if predicate():
                     return True
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    return False
+                    if polled or self.reading:
+                        return False
+                    remaining = 0.0     # time is up, but read what already arrived
+                polled = True
                 if self.reading:
                     self.cond.wait(remaining)
                     continue
@@ -113,7 +135,7 @@ class CoreClient:
         self.sock.settimeout(timeout)
         try:
             chunk = self.sock.recv(1 << 20)
-        except socket.timeout:
+        except (socket.timeout, BlockingIOError):
             return
         except OSError as exc:
             self._lost(str(exc))
@@ -132,12 +154,22 @@ class CoreClient:
         kind = message[0]
         if kind == "obj":
             _, object_id, value_kind, meta, payload = message
-            if object_id in self.ref_counts:
+            if object_id in self.ref_counts or object_id in self.subscribed:
                 self.objects[object_id] = (value_kind, meta, payload)
         elif kind == "tasks":
-            self.tasks.extend(message[1])
+            if self.lending:
+                # Sent before the node manager knew this worker had blocked:
+                # hand them back, or they would wait behind the blocked task
+                # (which may be waiting for them: a deadlock).
+                self.send(("giveback", [t[0] for t in message[1]]))
+            else:
+                self.tasks.extend(message[1])
         elif kind == "error":
             print(f"minray: {message[1]}", file=sys.stderr, flush=True)
+        elif kind == "path":
+            for path in message[1]:
+                if path not in sys.path:
+                    sys.path.append(path)
         elif kind == "info":
             self.replies[message[1]] = message[2]
         elif kind == "welcome":
@@ -221,7 +253,12 @@ class CoreClient:
         not_started = [t[0] for t in self.tasks]
         self.tasks.clear()
         self.send(("blocked", not_started))
+        self.lending += 1
         return True
+
+    def _unblocked(self):
+        self.lending -= 1
+        self.send(("unblocked",))
 
     def get(self, object_ids, timeout=None):
         missing = self._missing(object_ids)
@@ -232,7 +269,7 @@ class CoreClient:
                 done = self.wait_until(lambda: all(o in objects for o in missing), timeout)
             finally:
                 if blocked:
-                    self.send(("unblocked",))
+                    self._unblocked()
             if not done:
                 pending = sum(1 for o in missing if o not in objects)
                 raise GetTimeoutError(
@@ -247,15 +284,15 @@ class CoreClient:
         def enough():
             return sum(1 for o in object_ids if o in objects) >= num_returns
 
-        if not enough() and timeout != 0:
+        if timeout == 0:
+            self.wait_until(enough, 0)          # read what has arrived, never block
+        elif not enough():
             blocked = self._blocking()
             try:
                 self.wait_until(enough, timeout)
             finally:
                 if blocked:
-                    self.send(("unblocked",))
-        elif timeout == 0:
-            self.wait_until(lambda: True, 0)
+                    self._unblocked()
         ready = [o for o in object_ids if o in objects][:num_returns]
         return ready
 

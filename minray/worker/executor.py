@@ -155,9 +155,12 @@ def run_worker(socket_path, session_dir, store_name, node_id, worker_id):
     from minray.session import read_token
     sys.stdout = PrefixedStream(sys.stdout, f"(pid={os.getpid()}) ")
     sys.stderr = PrefixedStream(sys.stderr, f"(pid={os.getpid()}) ")
-    client = core.CoreClient(socket_path, read_token(session_dir), "worker",
-                             {"worker_id": worker_id, "pid": os.getpid()},
-                             root_task_id=bytes(16))
+    try:
+        client = core.CoreClient(socket_path, read_token(session_dir), "worker",
+                                 {"worker_id": worker_id, "pid": os.getpid()},
+                                 root_task_id=bytes(16))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return      # started as the node manager shut down: its socket or session is gone
     client.attach_store(store_name)
     core.set_current(client)
     try:

@@ -6,6 +6,7 @@ already imported the worker code costs a few milliseconds. The node manager
 starts one zygote and writes one JSON line per worker to its stdin; the zygote
 exits when that pipe closes (the node manager is gone).
 """
+import ctypes
 import json
 import os
 import signal
@@ -14,12 +15,31 @@ import sys
 from minray.worker.executor import run_worker   # the imports the fork inherits
 
 
+PR_SET_PDEATHSIG = 1
+
+
 def serve(requests):
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)     # children are reaped for us
+    zygote_pid = os.getpid()
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        prctl = None                    # not Linux: workers exit when their task ends
     for line in requests:
         request = json.loads(line)
         if os.fork() == 0:
+            _die_with_parent(prctl, zygote_pid)
             _become_worker(request)
+
+
+def _die_with_parent(prctl, zygote_pid):
+    """Get SIGKILL when the zygote exits, as it does when the node manager is
+    gone (even killed -9): a worker busy in a task is then not left running."""
+    if prctl is None:
+        return
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != zygote_pid:      # the zygote died before prctl took effect
+        os._exit(1)
 
 
 def _become_worker(request):

@@ -1,0 +1,54 @@
+"""Helpers for the task/API/lifecycle tests: run a driver script in a fresh
+Python process (for special init arguments, or to watch shutdown and kills
+from outside), and poll for a condition with a deadline instead of sleeping."""
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_driver(code, timeout=60, env=None, check=True):
+    """Run `code` (dedented) as a driver script; return the CompletedProcess.
+
+    With check=True a non-zero exit fails the test, showing both streams.
+    """
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    # Files, not pipes: a leftover grandchild (a bug under test) holding a
+    # pipe open would make us wait for it instead of failing the test.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                              stdout=out, stderr=err, text=True, timeout=timeout, env=full_env)
+        out.seek(0)
+        err.seek(0)
+        proc.stdout, proc.stderr = out.read(), err.read()
+    if check and proc.returncode != 0:
+        raise AssertionError(f"driver exited with {proc.returncode}\n--- stdout\n{proc.stdout}"
+                             f"\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+def start_driver(code, env=None, **popen_kwargs):
+    """Start `code` as a driver script in the background (a Popen)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                            env=full_env, text=True, **popen_kwargs)
+
+
+def poll(predicate, timeout=20.0, interval=0.02, what="condition"):
+    """Call predicate() until it returns something truthy; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
