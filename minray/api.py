@@ -28,7 +28,8 @@ class _State:
 
 
 def is_initialized():
-    return _State.client is not None
+    """True in a driver after init(), and inside tasks (as in Ray)."""
+    return _State.client is not None or core.current() is not None
 
 
 def init(address=None, *, num_cpus=None, num_gpus=None, resources=None,

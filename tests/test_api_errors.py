@@ -253,3 +253,36 @@ def test_object_larger_than_the_store_is_a_clear_error():
         print("OK")
     """)
     assert "OK" in proc.stdout
+
+
+def test_ref_from_a_previous_cluster_raises_instead_of_hanging():
+    from minray_driver import run_driver
+    result = run_driver("""
+        import minray
+        from minray.exceptions import ObjectLostError
+        minray.init(num_cpus=1)
+        ref = minray.put(1)
+        minray.shutdown()
+        minray.init(num_cpus=1)
+        try:
+            minray.get(ref, timeout=20)
+        except ObjectLostError:
+            print("lost as expected")
+        minray.shutdown()
+    """, timeout=90)
+    assert "lost as expected" in result.stdout
+
+
+def test_long_session_root_still_starts(tmp_path):
+    from minray_driver import run_driver
+    root = tmp_path / ("long-session-root-" + "x" * 80)
+    result = run_driver("""
+        import minray
+        minray.init(num_cpus=1)
+        @minray.remote
+        def f():
+            return 3
+        print("answer", minray.get(f.remote()))
+        minray.shutdown()
+    """, timeout=90, env={"MINRAY_SESSION_ROOT": str(root)})
+    assert "answer 3" in result.stdout

@@ -784,10 +784,6 @@ def test_task_error_is_printed_at_the_driver():
     assert "Traceback" in proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a driver reads its node manager's messages only inside get/wait/info calls, so an "
-    "error of a task nobody gets is never printed (the tutorial's f.remote(); sleep; "
-    "error_info() snippet); needs a background reader/printer in the driver's runtime"))
 def test_error_of_a_task_nobody_gets_is_printed_in_the_background(tmp_path):
     stderr_path = tmp_path / "stderr"
     with open(stderr_path, "w") as stderr:
@@ -920,3 +916,49 @@ def test_running_and_pending_tasks_are_listed_during_the_run(gate):
                    for ref in (running, pending))
 
     poll(finished, what="both tasks FINISHED")
+
+
+def test_unlimited_retries_rerun_a_task_whose_worker_died(tmp_path):
+    marker = str(tmp_path / "killed-once")
+
+    @minray.remote(max_retries=-1)
+    def die_once(path):
+        if not os.path.exists(path):
+            open(path, "w").close()
+            os.kill(os.getpid(), 9)
+        return "survived"
+
+    assert minray.get(die_once.remote(marker), timeout=60) == "survived"
+
+
+def test_wait_with_zero_timeout_sees_results_that_already_arrived():
+    ref = add.remote(1, 2)
+    assert minray.get(ref, timeout=60) == 3
+    fresh = add.remote(2, 2)
+    ready = poll(lambda: minray.wait([fresh], timeout=0)[0], what="a finished task in wait(timeout=0)")
+    assert ready == [fresh]
+
+
+def test_inside_a_task_minray_is_initialized_and_blas_threads_are_one():
+    @minray.remote
+    def inspect_worker():
+        return minray.is_initialized(), os.environ.get("OMP_NUM_THREADS")
+
+    assert minray.get(inspect_worker.remote(), timeout=60) == (True, os.environ.get(
+        "OMP_NUM_THREADS", "1"))
+
+
+def test_module_beside_the_driver_script_imports_in_workers(tmp_path):
+    (tmp_path / "helper_module_for_workers.py").write_text("def triple(x):\n    return 3 * x\n")
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent("""
+        import minray
+        from helper_module_for_workers import triple
+        minray.init(num_cpus=1)
+        print("result", minray.get(minray.remote(triple).remote(5), timeout=60))
+        minray.shutdown()
+    """))
+    proc = subprocess.run([sys.executable, str(script)], cwd="/", capture_output=True,
+                          text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert "result 15" in proc.stdout

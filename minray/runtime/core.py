@@ -7,6 +7,7 @@ whichever thread is waiting (get, wait, or a worker waiting for work), one at
 a time; the others wait on a condition and re-check after each batch.
 """
 import collections
+import select
 import socket
 import sys
 import threading
@@ -40,6 +41,8 @@ class CoreClient:
         self.role = role
         self.sock = wire.connect(socket_path, token)
         self.sock.settimeout(None)
+        self.poller = select.poll()
+        self.poller.register(self.sock, select.POLLIN)
         self.buffer = bytearray()
         self.send_lock = threading.Lock()
         self.cond = threading.Condition()
@@ -83,8 +86,13 @@ class CoreClient:
                 raise RaySystemError(f"lost the connection to the node manager: {exc}") from None
 
     def _send_bookkeeping_loop(self):
-        # Dropped refs ride along with the next message; if none comes soon
-        # (an idle driver), send them anyway so their memory is freed.
+        """Background chores of a process that may be busy or idle elsewhere.
+
+        Dropped refs ride along with the next message; if none comes soon (an
+        idle driver), they are sent from here so their memory is freed. A
+        driver also reads what arrived while no thread was waiting, so the
+        error of a task nobody gets is still printed.
+        """
         while not self.closed:
             time.sleep(BOOKKEEPING_DELAY_S)
             if (self.pending_free or self.pending_escape) and not self.closed:
@@ -93,6 +101,22 @@ class CoreClient:
                         self.sock.sendall(b"".join(self._bookkeeping_frames()))
                     except OSError:
                         return
+            if self.role == "driver" and not self.closed:
+                self._poll_in_background()
+
+    def _poll_in_background(self):
+        with self.cond:
+            if self.reading:
+                return
+            self.reading = True
+        try:
+            self._receive(0)
+        except RaySystemError:
+            return
+        finally:
+            with self.cond:
+                self.reading = False
+                self.cond.notify_all()
 
     def _bookkeeping_frames(self):
         # Escapes go before frees so a ref that was serialized is never freed.
@@ -132,10 +156,17 @@ class CoreClient:
                     self.cond.notify_all()
 
     def _receive(self, timeout):
-        self.sock.settimeout(timeout)
+        # The socket stays in blocking mode (another thread may be sending on
+        # it); a timeout is waited for with poll, and a poll-less read uses
+        # MSG_DONTWAIT.
         try:
-            chunk = self.sock.recv(1 << 20)
-        except (socket.timeout, BlockingIOError):
+            if timeout is None:
+                chunk = self.sock.recv(1 << 20)
+            else:
+                if timeout > 0 and not self.poller.poll(timeout * 1000):
+                    return
+                chunk = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+        except BlockingIOError:
             return
         except OSError as exc:
             self._lost(str(exc))

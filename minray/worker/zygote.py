@@ -12,7 +12,14 @@ import os
 import signal
 import sys
 
-from minray.worker.executor import run_worker   # the imports the fork inherits
+# One math-library thread per worker unless the user chose otherwise: workers
+# already run one per CPU, and oversubscribed BLAS threads thrash (a numpy
+# matrix-vector product ran 18x slower with two threads on a busy 2-core
+# machine). Set before numpy is ever imported in a worker.
+for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+
+from minray.worker.executor import run_worker   # noqa: E402  (imports the fork inherits)
 
 
 PR_SET_PDEATHSIG = 1
