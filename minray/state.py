@@ -40,23 +40,30 @@ def tasks(client=None, limit=DEFAULT_LIMIT):
     """Finished tasks (the control store's tasks table) and, when called in a
     connected driver or worker without `client`, those still pending or
     running on its node (the node manager logs a task when it ends)."""
-    live = _live_tasks() if client is None else []
-    out = rows("tasks", client, limit)
+    return _with_live("tasks", client, limit)
+
+
+def objects(client=None, limit=DEFAULT_LIMIT):
+    """Objects in the store and put objects (the control store's objects
+    table) and, without `client` in a connected process, every object its node
+    manager holds right now, small task results included."""
+    return _with_live("objects", client, limit)
+
+
+def _with_live(table, client, limit):
+    live = _live(table) if client is None else []
+    out = rows(table, client, limit)
     known = {row["id"] for row in out}
     out.extend(row for row in live if row["id"] not in known)
     return out[:limit]
 
 
-def _live_tasks():
+def _live(what):
     from minray.runtime import core
     runtime = core.current()
     if runtime is None:
         return []
-    return runtime.request_info("tasks") or []
-
-
-def objects(client=None, limit=DEFAULT_LIMIT):
-    return rows("objects", client, limit)
+    return runtime.request_info(what) or []
 
 
 def actors(client=None, limit=DEFAULT_LIMIT):

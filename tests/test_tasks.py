@@ -962,3 +962,11 @@ def test_module_beside_the_driver_script_imports_in_workers(tmp_path):
                           text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr
     assert "result 15" in proc.stdout
+
+
+def test_state_api_lists_live_objects_including_small_results():
+    ref = add.remote(20, 22)
+    assert minray.get(ref, timeout=60) == 42
+    ids = {row["id"]: row for row in minray.state.objects()}
+    assert ref.hex() in ids
+    assert ids[ref.hex()]["kind"] == "inline"

@@ -213,6 +213,11 @@ class NodeManager:
             result = [{"id": t.task_id.hex(), "name": t.spec[2],
                        "state": "RUNNING" if t.worker is not None else "PENDING",
                        "node": self.node_id.hex()} for t in self.tasks.values()]
+        elif what == "objects":
+            kinds = {"v": "inline", "s": "store", "e": "error", None: "pending"}
+            result = [{"id": object_id.hex(), "kind": kinds[entry.kind], "size": entry.size,
+                       "node": self.node_id.hex()}
+                      for object_id, entry in list(self.objects.entries.items())[:10000]]
         elif what == "stats":
             result = {"objects": self.objects.stats(), "tasks": len(self.tasks),
                       "workers": len(self.pool.workers), "ready": self.queues.num_ready,
