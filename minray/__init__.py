@@ -1,8 +1,9 @@
 """minray: tasks, actors and a shared-memory object store with Ray's API."""
 from minray import exceptions
+from minray.actor import method
 from minray.api import (
-    available_resources, cluster_resources, error_info, get, get_gpu_ids, init,
-    is_initialized, nodes, put, remote, shutdown, wait,
+    available_resources, cluster_resources, error_info, get, get_actor, get_gpu_ids, init,
+    is_initialized, kill, nodes, put, remote, shutdown, wait,
 )
 from minray.runtime.object_ref import ObjectRef
 from minray.serialization import register_custom_serializer
@@ -11,6 +12,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ObjectRef", "available_resources", "cluster_resources", "error_info", "exceptions",
-    "get", "get_gpu_ids", "init", "is_initialized", "nodes", "put", "register_custom_serializer",
-    "remote", "shutdown", "wait", "__version__",
+    "get", "get_actor", "get_gpu_ids", "init", "is_initialized", "kill", "method", "nodes",
+    "put", "register_custom_serializer", "remote", "shutdown", "wait", "__version__",
 ]

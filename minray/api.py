@@ -9,6 +9,7 @@ import time
 from minray import ids
 from minray.exceptions import RaySystemError
 from minray.local_cluster import LocalCluster, find_node_socket
+from minray.actor import ACTOR_OPTIONS, ActorClass, ActorHandle
 from minray.remote_function import TASK_OPTIONS, RemoteFunction
 from minray.runtime import core
 from minray.runtime.object_ref import ObjectRef
@@ -163,26 +164,47 @@ def _runtime_gcs_client():
 # ---------------------------------------------------------------- decorators
 
 def remote(*args, **options):
-    """@minray.remote or @minray.remote(num_cpus=..., ...) on a function."""
+    """@minray.remote or @minray.remote(num_cpus=..., ...) on a function or class."""
     if len(args) == 1 and not options and callable(args[0]):
         return _make_remote(args[0], {})
     if args:
         raise TypeError("@minray.remote takes only keyword options, e.g. "
                         "@minray.remote(num_returns=2)")
     for name in options:
-        if name not in TASK_OPTIONS:
+        if name not in TASK_OPTIONS and name not in ACTOR_OPTIONS:
             raise ValueError(f"unknown option {name!r}; valid options are: "
-                             + ", ".join(sorted(TASK_OPTIONS)))
+                             + ", ".join(sorted(set(TASK_OPTIONS) | set(ACTOR_OPTIONS))))
     return lambda target: _make_remote(target, options)
 
 
 def _make_remote(target, options):
     if inspect.isclass(target):
-        raise TypeError(f"@minray.remote on class {target.__name__}: actors are not "
-                        "available in this version of minray yet")
+        return ActorClass(target, options)
     if not callable(target):
-        raise TypeError(f"@minray.remote needs a function, got {type(target).__name__}")
+        raise TypeError(f"@minray.remote needs a function or a class, got "
+                        f"{type(target).__name__}")
     return RemoteFunction(target, options)
+
+
+def get_actor(name):
+    """The handle of the actor registered under `name` (any driver of the cluster)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"get_actor needs an actor name (a non-empty str), got {name!r}")
+    found = _client().request_info(("actor", name))
+    if found is None:
+        raise ValueError(f"no live actor named {name!r} in this cluster")
+    actor_id, class_name, methods = found
+    return ActorHandle(actor_id, class_name, methods)
+
+
+def kill(actor, *, no_restart=True):
+    """Stop an actor now: its calls in flight and later calls raise RayActorError.
+
+    With no_restart=False an actor created with max_restarts is restarted.
+    """
+    if not isinstance(actor, ActorHandle):
+        raise TypeError(f"kill expects an actor handle, got {type(actor).__name__}")
+    _client().send(("actor_kill", actor._actor_id, bool(no_restart)))
 
 
 # ---------------------------------------------------------------- objects

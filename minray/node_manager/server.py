@@ -34,6 +34,7 @@ from minray._core.scheduler import SchedulerQueues, Task
 from minray.exceptions import (
     ObjectLostError, TaskUnschedulableError, WorkerCrashedError,
 )
+from minray.node_manager.actors import ActorManager
 from minray.node_manager.objects import ERROR, IN_STORE, ObjectTable
 from minray.node_manager.workers import WorkerPool
 from minray.object_store import SharedStore
@@ -106,12 +107,19 @@ class NodeManager:
         self.batcher = wire.OutputBatcher()
         self.batcher.before_flush = self._dispatch_if_pending
         self.stopping = None
+        self.actors = ActorManager(self)
         self.handlers = {
             "hello": self.on_hello, "fn": self.on_function, "submit": self.on_submit,
             "put": self.on_put, "sub": self.on_subscribe, "free": self.on_free,
             "escape": self.on_escape, "done": self.on_done, "blocked": self.on_blocked,
             "unblocked": self.on_unblocked, "giveback": self.on_giveback, "info": self.on_info,
             "shutdown": self.on_shutdown,
+            "actor_create": self.actors.on_create, "actor_call": self.actors.on_call,
+            "actor_ready": self.actors.on_ready,
+            "actor_exit": lambda conn: self.actors.on_exit(conn.worker),
+            "actor_release": lambda conn, ids: self.actors.release(ids),
+            "actor_escape": lambda conn, ids: self.actors.escape(ids),
+            "actor_kill": lambda conn, actor_id, no_restart: self.actors.kill(actor_id, no_restart),
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -195,6 +203,7 @@ class NodeManager:
 
     def connection_lost(self, conn):
         self.objects.forget_connection(conn)
+        self.actors.owner_left(conn)
         if conn.worker is not None:
             self.worker_died(conn.worker)
         self.drivers.discard(conn)
@@ -213,6 +222,8 @@ class NodeManager:
             result = [{"id": t.task_id.hex(), "name": t.spec[2],
                        "state": "RUNNING" if t.worker is not None else "PENDING",
                        "node": self.node_id.hex()} for t in self.tasks.values()]
+        elif isinstance(what, tuple) and what[0] == "actor":
+            result = self.actors.lookup(what[1])
         elif what == "objects":
             kinds = {"v": "inline", "s": "store", "e": "error", None: "pending"}
             result = [{"id": object_id.hex(), "kind": kinds[entry.kind], "size": entry.size,
@@ -275,6 +286,7 @@ class NodeManager:
                 if conn is not entry.owner:
                     conn.send(message)
             entry.subscribers = None
+        self.actors.object_ready(object_id, entry)
         if entry.kind == ERROR:
             for task in self.queues.drain_waiting_on(object_id):
                 self.fail_task(task, entry.meta, entry.data)
@@ -333,6 +345,19 @@ class NodeManager:
             self.objects.set_ready(object_id, ERROR, meta, data)
             self.object_ready(object_id)
 
+    def fail_call(self, task, exc):
+        self.fail_task(task, *error_object(exc))
+
+    def fail_call_with(self, task, meta, data):
+        self.fail_task(task, meta, data)
+
+    def report_error_text(self, name, task_id, text):
+        for driver in self.drivers:
+            driver.send(("error", text))
+        self._log("errors", os.urandom(8), {
+            "type": "actor", "function": name, "task_id": task_id.hex(), "message": text,
+            "time": time.time(), "node": self.node_id.hex()})
+
     def _finish(self, task, state):
         self.tasks.pop(task.task_id, None)
         for arg in task.spec[3]:
@@ -368,7 +393,10 @@ class NodeManager:
                 if kind == IN_STORE:
                     self._log_object(object_id, entry, task_id)
                 self.object_ready(object_id)
-        self._maybe_release(worker)
+        if worker.actor is not None:
+            self.actors.call_done(worker)
+        else:
+            self._maybe_release(worker)
         self.schedule()
 
     def _pop_from_worker(self, worker, task_id):
@@ -427,6 +455,10 @@ class NodeManager:
         if worker in self.idle:
             self.idle.remove(worker)
         self.pool.remove(worker.worker_id)
+        if worker.actor is not None:
+            self.actors.worker_died(worker)
+            self.schedule()
+            return
         if worker.lease is not None:
             self.queues.release(_kept(worker.lease) if worker.blocked else worker.lease)
         self.free_gpus.extend(worker.gpu_ids)
@@ -465,6 +497,7 @@ class NodeManager:
 
     def _dispatch(self):
         self.schedule_pending = False
+        self.actors.place()
         batches = {}
         queues = self.queues
         while queues.num_ready:
@@ -510,6 +543,17 @@ class NodeManager:
         task.worker = worker
         worker.queue.append(task)
         task_id, function_id, name, args, kwarg_names, num_returns, _, _ = task.spec
+        resolved = self.resolve_args(args)
+        pickled = None
+        if function_id not in worker.functions:
+            worker.functions.add(function_id)
+            pickled = self.functions.get(function_id)
+        batches.setdefault(worker, []).append(
+            (task_id, function_id, pickled, name, resolved, kwarg_names, num_returns,
+             worker.gpu_ids))
+
+    def resolve_args(self, args):
+        """Ref arguments as the worker reads them: inline bytes or a store id."""
         resolved = []
         for arg in args:
             if arg[0] == "r":
@@ -520,20 +564,23 @@ class NodeManager:
                     resolved.append(("v", entry.meta, entry.data))
             else:
                 resolved.append(arg)
-        pickled = None
-        if function_id not in worker.functions:
-            worker.functions.add(function_id)
-            pickled = self.functions.get(function_id)
-        batches.setdefault(worker, []).append(
-            (task_id, function_id, pickled, name, resolved, kwarg_names, num_returns,
-             worker.gpu_ids))
+        return resolved
 
-    def _start_workers(self):
-        live = len(self.pool.workers) + len(self.pool.starting)
+    def _start_workers(self, for_actor=False):
+        # Actors' dedicated workers do not count against the task-worker cap.
+        task_workers = sum(1 for w in self.pool.workers.values() if w.actor is None)
+        live = task_workers + len(self.pool.starting)
         blocked = sum(1 for w in self.pool.workers.values() if w.blocked)
-        if self.pool.starting or live >= self.max_workers + blocked:
+        if self.pool.starting or (not for_actor and live >= self.max_workers + blocked):
             return
         self.pool.start()
+
+    def keep_task_workers(self):
+        """After a worker became an actor's, start another for tasks if needed."""
+        task_workers = sum(1 for w in self.pool.workers.values()
+                           if w.actor is None and not w.dead)
+        if task_workers + len(self.pool.starting) < self.num_workers:
+            self.pool.start()
 
     # ------------------------------------------------------------ control store log
     def _log(self, table, key, value):
@@ -548,6 +595,13 @@ class NodeManager:
         Tasks still queued or running are listed by the node manager itself
         (info "tasks"), so the control store takes one write per task.
         """
+        if len(task.spec) == 6:           # an actor call
+            task_id, actor_id, method, _, _, num_returns = task.spec
+            self._log("tasks", task_id, {
+                "name": method, "state": state, "actor_id": actor_id.hex(),
+                "num_returns": num_returns, "node": self.node_id.hex(), "time": time.time(),
+                "spec": task.spec})
+            return
         task_id, function_id, name, args, kwarg_names, num_returns, resources, _ = task.spec
         self._log("tasks", task_id, {
             "name": name, "state": state, "function_id": function_id.hex(),

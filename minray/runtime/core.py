@@ -7,6 +7,7 @@ whichever thread is waiting (get, wait, or a worker waiting for work), one at
 a time; the others wait on a condition and re-check after each batch.
 """
 import collections
+import itertools
 import select
 import socket
 import sys
@@ -54,6 +55,12 @@ class CoreClient:
         self.subscribed = set()
         self.pending_free = []
         self.pending_escape = []
+        self.actor_handles = {}      # actor id -> live owned handles in this process
+        self.pending_actor_release = []
+        self.pending_actor_escape = []
+        self.actor_id = None         # worker: the actor it hosts
+        self.concurrent = False      # calls run at once: ids from one shared counter
+        self.shared_counter = itertools.count(1)
         self.exported = set()
         self.replies = {}
         self.request_ids = iter(range(1, 1 << 62))
@@ -78,7 +85,7 @@ class CoreClient:
         with self.send_lock:
             # Built under the lock so escapes and frees reach the node manager
             # in the order they happened, whichever thread sends them.
-            if self.pending_escape or self.pending_free:
+            if self._has_bookkeeping():
                 frames = self._bookkeeping_frames() + frames
             try:
                 self.sock.sendall(b"".join(frames))
@@ -95,7 +102,7 @@ class CoreClient:
         """
         while not self.closed:
             time.sleep(BOOKKEEPING_DELAY_S)
-            if (self.pending_free or self.pending_escape) and not self.closed:
+            if self._has_bookkeeping() and not self.closed:
                 with self.send_lock:
                     try:
                         self.sock.sendall(b"".join(self._bookkeeping_frames()))
@@ -118,6 +125,10 @@ class CoreClient:
                 self.reading = False
                 self.cond.notify_all()
 
+    def _has_bookkeeping(self):
+        return bool(self.pending_free or self.pending_escape or self.pending_actor_release
+                    or self.pending_actor_escape)
+
     def _bookkeeping_frames(self):
         # Escapes go before frees so a ref that was serialized is never freed.
         frames = []
@@ -127,6 +138,12 @@ class CoreClient:
         if self.pending_free:
             freed, self.pending_free = self.pending_free, []
             frames.append(wire.encode(("free", freed)))
+        if self.pending_actor_escape:
+            escaped, self.pending_actor_escape = self.pending_actor_escape, []
+            frames.append(wire.encode(("actor_escape", escaped)))
+        if self.pending_actor_release:
+            released, self.pending_actor_release = self.pending_actor_release, []
+            frames.append(wire.encode(("actor_release", released)))
         return frames
 
     # ------------------------------------------------------------ receiving
@@ -188,13 +205,15 @@ class CoreClient:
             if object_id in self.ref_counts or object_id in self.subscribed:
                 self.objects[object_id] = (value_kind, meta, payload)
         elif kind == "tasks":
-            if self.lending:
+            if self.lending and self.actor_id is None:
                 # Sent before the node manager knew this worker had blocked:
                 # hand them back, or they would wait behind the blocked task
                 # (which may be waiting for them: a deadlock).
                 self.send(("giveback", [t[0] for t in message[1]]))
             else:
                 self.tasks.extend(message[1])
+        elif kind == "actor_init":
+            self.tasks.append(message)
         elif kind == "error":
             print(f"minray: {message[1]}", file=sys.stderr, flush=True)
         elif kind == "path":
@@ -234,6 +253,8 @@ class CoreClient:
 
     # ------------------------------------------------------------ tasks
     def next_task_id(self):
+        if self.concurrent:      # several calls at once share no per-call counter
+            return ids.child_task_id(self.actor_id, next(self.shared_counter))
         task_id = ids.child_task_id(self.current_task_id, self.task_index)
         self.task_index += 1
         return task_id
@@ -246,6 +267,38 @@ class CoreClient:
     def submit(self, spec, return_ids):
         self.owned.update(return_ids)
         self.send(("submit", spec))
+
+    # ------------------------------------------------------------ actors
+    def create_actor(self, spec):
+        """Ask for an actor; a named one waits for the name to be granted."""
+        if spec["name"] is None:
+            self.send(("actor_create", spec, 0))
+            return
+        request_id = next(self.request_ids)
+        self.send(("actor_create", spec, request_id))
+        if not self.wait_until(lambda: request_id in self.replies, 30.0):
+            raise RaySystemError("the node manager did not answer within 30 s")
+        error = self.replies.pop(request_id)
+        if error:
+            raise ValueError(error)
+
+    def call_actor(self, spec, return_ids):
+        self.owned.update(return_ids)
+        self.send(("actor_call", spec))
+
+    def add_actor_handle(self, actor_id):
+        self.actor_handles[actor_id] = self.actor_handles.get(actor_id, 0) + 1
+
+    def drop_actor_handle(self, actor_id):
+        count = self.actor_handles.get(actor_id, 0) - 1
+        if count > 0:
+            self.actor_handles[actor_id] = count
+        else:
+            self.actor_handles.pop(actor_id, None)
+            self.pending_actor_release.append(actor_id)
+
+    def escape_actor(self, actor_id):
+        self.pending_actor_escape.append(actor_id)
 
     # ------------------------------------------------------------ objects
     def put_serialized(self, object_id, serialized):
@@ -265,6 +318,8 @@ class CoreClient:
         self.send(("put", object_id, IN_STORE, meta, serialized.total_size))
 
     def next_put_id(self):
+        if self.concurrent:
+            return ids.put_object_id(self.actor_id, next(self.shared_counter))
         self.put_index += 1
         return ids.put_object_id(self.current_task_id, self.put_index)
 
@@ -281,8 +336,11 @@ class CoreClient:
         """A worker about to block gives back queued tasks and lends its CPU."""
         if self.role != "worker" or not self.executing:
             return False
-        not_started = [t[0] for t in self.tasks]
-        self.tasks.clear()
+        if self.actor_id is not None:
+            not_started = []          # an actor's calls must run on it, in order
+        else:
+            not_started = [t[0] for t in self.tasks]
+            self.tasks.clear()
         self.send(("blocked", not_started))
         self.lending += 1
         return True

@@ -1,6 +1,8 @@
 """The worker loop: take dispatched tasks, run them, send back their results."""
+import inspect
 import os
 import sys
+import threading
 import time
 import traceback
 
@@ -53,6 +55,8 @@ class Executor:
     def __init__(self, client, worker_id):
         self.client = client
         self.worker_id = worker_id
+        self.instance = None              # the actor's object, if we host one
+        self.concurrency = None           # ConcurrentCalls of a threaded/async actor
         self.functions = {}
         self.gpu_ids = []
         self.done = []
@@ -76,29 +80,80 @@ class Executor:
             self.last_send = time.monotonic()
 
     def run(self, dispatch):
+        if dispatch[0] == "actor_init":
+            self.init_actor(dispatch)
+        elif dispatch[1] is None and self.concurrency is not None:
+            self.concurrency.submit(dispatch)        # threaded or async actor
+        else:
+            self.done.append(self.execute(dispatch))
+
+    def execute(self, dispatch):
+        """Run one task or actor call; return its ("done", ...) item."""
         task_id, function_id, pickled, name, args, kwarg_names, num_returns, gpu_ids = dispatch
         client = self.client
         return_ids = [ids.return_object_id(task_id, i) for i in range(1, num_returns + 1)]
-        client.current_task_id = task_id
-        client.task_index = 0
-        client.put_index = 0
+        if self.concurrency is None:
+            client.current_task_id = task_id
+            client.task_index = 0
+            client.put_index = 0
         self.set_gpus(gpu_ids)
         started = time.perf_counter()
         error_text = None
         client.executing = True
         try:
-            function = self.functions.get(function_id)
-            if function is None:
-                function = self.functions[function_id] = cloudpickle.loads(pickled)
+            function = self.resolve_function(function_id, pickled, name)
             values = [self.argument(a) for a in args]
             split = len(values) - len(kwarg_names)
             result = function(*values[:split], **dict(zip(kwarg_names, values[split:])))
             results = self.encode_returns(name, return_ids, result)
+        except ActorExit:
+            self.exit_actor()
         except Exception as exc:
             error_text, results = self.encode_error(name, return_ids, exc)
         finally:
-            client.executing = False
-        self.done.append((task_id, results, time.perf_counter() - started, error_text))
+            client.executing = self.concurrency is not None
+        return (task_id, results, time.perf_counter() - started, error_text)
+
+    def resolve_function(self, function_id, pickled, name):
+        if function_id is None:                      # a method of our actor
+            return getattr(self.instance, name)
+        function = self.functions.get(function_id)
+        if function is None:
+            function = self.functions[function_id] = cloudpickle.loads(pickled)
+        return function
+
+    # ------------------------------------------------------------ actors
+    def init_actor(self, message):
+        (_, actor_id, class_id, pickled, class_name, args, kwarg_names, gpu_ids,
+         max_concurrency, is_async) = message
+        client = self.client
+        client.actor_id = actor_id
+        client.current_task_id = actor_id
+        self.set_gpus(gpu_ids)            # CUDA_VISIBLE_DEVICES before __init__ runs
+        meta = data = error_text = None
+        try:
+            cls = cloudpickle.loads(pickled)
+            values = [self.argument(a) for a in args]
+            split = len(values) - len(kwarg_names)
+            self.instance = cls(*values[:split], **dict(zip(kwarg_names, values[split:])))
+        except ActorExit:
+            self.exit_actor()
+        except Exception as exc:
+            error_text, results = self.encode_error(f"{class_name}.__init__", [b""], exc)
+            meta, data = results[0][2], results[0][3]
+        if meta is None and (is_async or max_concurrency > 1):
+            self.concurrency = ConcurrentCalls(self, max_concurrency, is_async)
+            client.concurrent = True
+            client.executing = True
+        client.send(("actor_ready", actor_id, meta, data, error_text))
+
+    def exit_actor(self):
+        """exit_actor() was called: report finished calls, tell the node manager, go."""
+        self.flush()
+        self.client.send(("actor_exit",))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     def set_gpus(self, gpu_ids):
         if gpu_ids != self.gpu_ids:
@@ -149,6 +204,68 @@ class Executor:
         payload = bytes(buf)
         summary = f"task {name} failed (pid={os.getpid()}):\n{text.rstrip()}"
         return summary, [(object_id, "e", serialized.metadata, payload) for object_id in return_ids]
+
+
+class ActorExit(BaseException):
+    """Raised by minray.actor.exit_actor() to end the actor's process."""
+
+
+class ConcurrentCalls:
+    """Runs an actor's calls at once: in threads, or as coroutines on a loop.
+
+    Each finished call reports its result on its own; the order of results
+    follows completion, not submission (as in Ray's threaded/async actors).
+    """
+
+    def __init__(self, executor, max_concurrency, is_async):
+        self.executor = executor
+        self.is_async = is_async
+        if is_async:
+            import asyncio
+            self.loop = asyncio.new_event_loop()
+            self.limit = asyncio.Semaphore(max_concurrency)
+            threading.Thread(target=self.loop.run_forever, daemon=True,
+                             name="minray-actor-loop").start()
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+            self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="minray-actor")
+
+    def submit(self, dispatch):
+        if self.is_async:
+            import asyncio
+            asyncio.run_coroutine_threadsafe(self._run_async(dispatch), self.loop)
+        else:
+            self.pool.submit(self._run_threaded, dispatch)
+
+    def _run_threaded(self, dispatch):
+        self.executor.client.send(("done", [self.executor.execute(dispatch)]))
+
+    async def _run_async(self, dispatch):
+        async with self.limit:
+            item = await self._execute_async(dispatch)
+            self.executor.client.send(("done", [item]))
+
+    async def _execute_async(self, dispatch):
+        # Run the method on the loop; if it is a coroutine, await it here so
+        # other calls interleave at its awaits.
+        task_id, function_id, pickled, name, args, kwarg_names, num_returns, gpu_ids = dispatch
+        executor = self.executor
+        return_ids = [ids.return_object_id(task_id, i) for i in range(1, num_returns + 1)]
+        started = time.perf_counter()
+        error_text = None
+        try:
+            function = executor.resolve_function(function_id, pickled, name)
+            values = [executor.argument(a) for a in args]
+            split = len(values) - len(kwarg_names)
+            result = function(*values[:split], **dict(zip(kwarg_names, values[split:])))
+            if inspect.iscoroutine(result):
+                result = await result
+            results = executor.encode_returns(name, return_ids, result)
+        except ActorExit:
+            executor.exit_actor()
+        except Exception as exc:
+            error_text, results = executor.encode_error(name, return_ids, exc)
+        return (task_id, results, time.perf_counter() - started, error_text)
 
 
 def run_worker(socket_path, session_dir, store_name, node_id, worker_id):

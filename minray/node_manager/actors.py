@@ -1,0 +1,335 @@
+"""Actors on a node: placing them on dedicated workers, ordering their calls,
+restarting or burying them.
+
+Each actor has one FIFO of calls. A call leaves the FIFO for the actor's
+worker only when it and every call before it have their arguments, so the
+calls of each caller run in the order they were sent (calls from different
+callers interleave in arrival order). Calls whose actor is dead, or that were
+running when it died, fail with RayActorError.
+"""
+import collections
+import logging
+
+from minray._core.scheduler import Task
+from minray.exceptions import ObjectLostError, RayActorError, TaskUnschedulableError
+from minray.node_manager.objects import ERROR
+
+log = logging.getLogger("minray.node_manager")
+
+PENDING, ALIVE, RESTARTING, DEAD = "PENDING", "ALIVE", "RESTARTING", "DEAD"
+
+
+class ActorState:
+    def __init__(self, spec, owner):
+        self.actor_id = spec["actor_id"]
+        self.spec = spec
+        self.owner = owner
+        self.state = PENDING
+        self.worker = None
+        self.calls = collections.deque()
+        self.restarts_left = spec["max_restarts"]
+        self.death = None                 # (meta, data) of the error calls get
+        self.missing = 0                  # constructor arguments not ready yet
+        self.held = None                  # resources held while placed
+        self.escaped = False              # a handle was serialized
+        self.released = False             # the owner dropped its handles
+
+    @property
+    def resources(self):
+        return self.spec["resources"]
+
+
+class ActorManager:
+    def __init__(self, manager):
+        self.nm = manager
+        self.actors = {}
+        self.names = {}
+        self.unplaced = collections.deque()
+        self.waiting_creation = {}        # object id -> [actor]
+        self.waiting_calls = {}           # object id -> [(actor, task)]
+
+    # ------------------------------------------------------------ creation
+    def on_create(self, conn, spec, request_id):
+        name = spec["name"]
+        if name is not None and name in self.names:
+            conn.send(("info", request_id, f"an actor named {name!r} already exists; pick "
+                       f"another name, or use minray.get_actor({name!r}) to reach it"))
+            return
+        actor = ActorState(spec, conn)
+        self.actors[actor.actor_id] = actor
+        if name is not None:
+            self.names[name] = actor.actor_id
+        if request_id:
+            conn.send(("info", request_id, None))
+        self.nm._log("actors", actor.actor_id, self._record(actor))
+        if not self.nm.queues.feasible(actor.resources):
+            self.die(actor, TaskUnschedulableError(
+                f"actor {spec['class_name']} asks for {actor.resources} but this cluster has "
+                f"{self.nm.queues.total_resources} in total: it can never be placed"))
+            return
+        for arg in spec["args"]:
+            if arg[0] != "r":
+                continue
+            entry = self.nm.objects.get(arg[1])
+            if entry is None:
+                self.die(actor, ObjectLostError(
+                    f"argument {arg[1].hex()} of actor {spec['class_name']} was freed"))
+                return
+            entry.task_refs += 1
+            if entry.kind == ERROR:
+                self.die_with(actor, entry.meta, entry.data)
+                return
+            if not entry.ready:
+                actor.missing += 1
+                self.waiting_creation.setdefault(arg[1], []).append(actor)
+        if actor.missing == 0:
+            self.unplaced.append(actor)
+            self.nm.schedule()
+
+    def place(self):
+        """Give unplaced actors a dedicated worker (called from dispatch)."""
+        nm = self.nm
+        while self.unplaced:
+            actor = self.unplaced[0]
+            if actor.state == DEAD:
+                self.unplaced.popleft()
+                continue
+            if not nm.queues.fits(actor.resources):
+                break
+            if not nm.idle:
+                nm._start_workers(for_actor=True)
+                break
+            self.unplaced.popleft()
+            worker = nm.idle.pop()
+            nm.queues.acquire(actor.resources)
+            actor.held = actor.resources
+            gpus = int(actor.resources.get("GPU", 0))
+            if gpus:
+                worker.gpu_ids, nm.free_gpus = nm.free_gpus[:gpus], nm.free_gpus[gpus:]
+            worker.actor = actor.actor_id
+            actor.worker = worker
+            spec = actor.spec
+            worker.conn.send(("actor_init", actor.actor_id, spec["class_id"],
+                              nm.functions.get(spec["class_id"]), spec["class_name"],
+                              nm.resolve_args(spec["args"]), spec["kwarg_names"],
+                              worker.gpu_ids, spec["max_concurrency"], spec["is_async"]))
+            nm.keep_task_workers()
+
+    def on_ready(self, conn, actor_id, meta, data, error_text):
+        actor = self.actors.get(actor_id)
+        if actor is None or actor.state == DEAD:
+            return
+        if meta is not None:             # the constructor raised
+            if error_text:
+                self.nm.report_error_text(actor.spec["class_name"], actor_id, error_text)
+            actor.restarts_left = 0
+            self.die_with(actor, meta, data)
+            return
+        actor.state = ALIVE
+        self.nm._log("actors", actor_id, self._record(actor))
+        self.pump(actor)
+
+    # ------------------------------------------------------------ calls
+    def on_call(self, conn, spec):
+        task_id, actor_id, method, args, kwarg_names, num_returns = spec
+        nm = self.nm
+        for index in range(1, num_returns + 1):
+            nm.objects.expect(task_id + index.to_bytes(4, "big"), conn)
+        task = Task(task_id, spec, {}, 0, conn)
+        task.extra = "call"
+        actor = self.actors.get(actor_id)
+        if actor is None:
+            nm.fail_call(task, RayActorError(
+                f"no actor {actor_id.hex()} on this node: it was never created here"))
+            return
+        if actor.state == DEAD:
+            nm.fail_call_with(task, *actor.death)
+            return
+        for arg in args:
+            if arg[0] != "r":
+                continue
+            entry = nm.objects.get(arg[1])
+            if entry is None:
+                nm.fail_call(task, ObjectLostError(
+                    f"argument {arg[1].hex()} of {method} was freed or never existed"))
+                return
+            entry.task_refs += 1
+            if entry.kind == ERROR:
+                nm.fail_call_with(task, entry.meta, entry.data)
+                return
+            if not entry.ready:
+                task.missing += 1
+                self.waiting_calls.setdefault(arg[1], []).append((actor, task))
+        actor.calls.append(task)
+        self.pump(actor)
+
+    def pump(self, actor):
+        """Send the actor's calls whose turn has come to its worker."""
+        if actor.state != ALIVE or actor.worker is None:
+            return
+        batch = []
+        worker = actor.worker
+        while actor.calls and (actor.calls[0].missing == 0 or actor.calls[0].extra == "failed"):
+            task = actor.calls.popleft()
+            if task.extra == "failed":
+                continue
+            task.worker = worker
+            worker.queue.append(task)
+            task_id, _, method, args, kwarg_names, num_returns = task.spec
+            batch.append((task_id, None, None, method, self.nm.resolve_args(args), kwarg_names,
+                          num_returns, worker.gpu_ids))
+        if batch:
+            worker.conn.send(("tasks", batch))
+        self.maybe_retire(actor)
+
+    def object_ready(self, object_id, entry):
+        for actor in self.waiting_creation.pop(object_id, ()):
+            if actor.state == DEAD:
+                continue
+            if entry.kind == ERROR:
+                self.die_with(actor, entry.meta, entry.data)
+                continue
+            actor.missing -= 1
+            if actor.missing == 0:
+                self.unplaced.append(actor)
+                self.nm.schedule()
+        touched = []
+        for actor, task in self.waiting_calls.pop(object_id, ()):
+            task.missing -= 1
+            if entry.kind == ERROR and task.extra != "failed":
+                self.nm.fail_call_with(task, entry.meta, entry.data)
+            touched.append(actor)
+        for actor in dict.fromkeys(touched):
+            self.pump(actor)
+
+    def call_done(self, worker):
+        actor = self.actors.get(worker.actor)
+        if actor is not None:
+            self.pump(actor)
+
+    # ------------------------------------------------------------ endings
+    def worker_died(self, worker):
+        actor = self.actors.get(worker.actor)
+        if actor is None:
+            return
+        self._unplace(actor)
+        running, worker.queue = worker.queue, []
+        for task in running:
+            self.nm.fail_call(task, RayActorError(
+                f"actor {actor.spec['class_name']} died while running {task.spec[2]}"))
+        if actor.state == DEAD:
+            return
+        if actor.restarts_left != 0:
+            if actor.restarts_left > 0:
+                actor.restarts_left -= 1
+            actor.state = RESTARTING
+            log.warning("actor %s died; restarting it", actor.spec["class_name"])
+            self.nm._log("actors", actor.actor_id, self._record(actor))
+            self.unplaced.append(actor)
+            self.nm.schedule()
+        else:
+            self.die(actor, RayActorError(
+                f"actor {actor.spec['class_name']} died: its process exited unexpectedly "
+                "(max_restarts exhausted)"))
+
+    def _unplace(self, actor):
+        nm = self.nm
+        if actor.held is not None:
+            nm.queues.release(actor.held)
+            actor.held = None
+        if actor.worker is not None:
+            nm.free_gpus.extend(actor.worker.gpu_ids)
+            actor.worker.gpu_ids = []
+        actor.worker = None
+        actor.state = PENDING if actor.state != DEAD else DEAD
+
+    def kill(self, actor_id, no_restart=True, reason=None):
+        actor = self.actors.get(actor_id)
+        if actor is None or actor.state == DEAD:
+            return
+        if no_restart:
+            actor.restarts_left = 0
+            self.die(actor, RayActorError(reason or (
+                f"actor {actor.spec['class_name']} was killed with minray.kill")))
+        elif actor.worker is not None:
+            self.nm.pool.remove(actor.worker.worker_id)   # dies; restarts if allowed
+
+    def die(self, actor, exc):
+        from minray.node_manager.server import error_object
+        self.die_with(actor, *error_object(exc))
+
+    def die_with(self, actor, meta, data):
+        """The actor is gone for good: every call queued now or later fails."""
+        if actor.state == DEAD:
+            return
+        actor.state = DEAD
+        actor.death = (meta, data)
+        worker = actor.worker
+        self._unplace(actor)
+        actor.state = DEAD
+        if worker is not None and not worker.dead:
+            running, worker.queue = worker.queue, []
+            for task in running:
+                self.nm.fail_call_with(task, meta, data)
+            self.nm.pool.remove(worker.worker_id)
+        while actor.calls:
+            task = actor.calls.popleft()
+            if task.extra != "failed":
+                self.nm.fail_call_with(task, meta, data)
+        name = actor.spec["name"]
+        if name is not None and self.names.get(name) == actor.actor_id:
+            del self.names[name]
+        for arg in actor.spec["args"]:
+            if arg[0] == "r":
+                self.nm.objects.drop_task_ref(arg[1])
+        self.nm._log("actors", actor.actor_id, self._record(actor))
+
+    def on_exit(self, worker):
+        actor = self.actors.get(worker.actor)
+        if actor is not None:
+            actor.restarts_left = 0
+            self.die(actor, RayActorError(
+                f"actor {actor.spec['class_name']} exited (minray.actor.exit_actor())"))
+
+    def release(self, actor_ids):
+        for actor_id in actor_ids:
+            actor = self.actors.get(actor_id)
+            if actor is not None:
+                actor.released = True
+                self.maybe_retire(actor)
+
+    def escape(self, actor_ids):
+        for actor_id in actor_ids:
+            actor = self.actors.get(actor_id)
+            if actor is not None:
+                actor.escaped = True
+
+    def maybe_retire(self, actor):
+        """Stop an actor nobody can call any more, once its calls are done."""
+        spec = actor.spec
+        if (not actor.released or actor.escaped or spec["name"] is not None
+                or spec["detached"] or actor.state == DEAD or actor.calls
+                or (actor.worker is not None and actor.worker.queue)):
+            return
+        self.die(actor, RayActorError(
+            f"actor {spec['class_name']} was stopped: every handle to it was dropped"))
+
+    def owner_left(self, conn):
+        for actor in list(self.actors.values()):
+            if actor.owner is conn and not actor.spec["detached"] and actor.state != DEAD:
+                self.die(actor, RayActorError(
+                    f"actor {actor.spec['class_name']} was stopped: the process that created "
+                    "it exited (pass lifetime='detached' to keep it)"))
+
+    def lookup(self, name):
+        actor_id = self.names.get(name)
+        actor = self.actors.get(actor_id) if actor_id else None
+        if actor is None or actor.state == DEAD:
+            return None
+        return (actor.actor_id, actor.spec["class_name"], actor.spec["methods"])
+
+    def _record(self, actor):
+        spec = actor.spec
+        return {"class_name": spec["class_name"], "state": actor.state, "name": spec["name"],
+                "node": self.nm.node_id.hex(), "detached": spec["detached"],
+                "restarts_left": actor.restarts_left}
