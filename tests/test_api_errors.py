@@ -207,12 +207,27 @@ def test_unserializable_return_value_is_a_task_error(cluster):
     assert minray.get(fine.remote()) == "fine"
 
 
-def test_remote_on_a_class_says_actors_are_not_available(cluster):
-    # Actors come with a later issue; until then the error must be clear.
-    with pytest.raises(TypeError, match="actor"):
-        @minray.remote
-        class Counter:
-            pass
+def test_actor_class_and_method_misuse_are_clear_errors(cluster):
+    @minray.remote
+    class Counter:
+        def incr(self):
+            return 1
+
+    with pytest.raises(TypeError, match=r"Counter.remote"):
+        Counter()
+    handle = Counter.remote()
+    with pytest.raises(TypeError, match=r"\.incr\.remote"):
+        handle.incr()
+    with pytest.raises(AttributeError, match="incr"):
+        handle.decr
+    with pytest.raises(ValueError, match="max_restarts"):
+        Counter.options(max_restarts="lots")
+    with pytest.raises(ValueError, match="valid options"):
+        Counter.options(num_return_values=2)
+    with pytest.raises(ValueError, match="no live actor named"):
+        minray.get_actor("nobody-has-this-name")
+    with pytest.raises(TypeError, match="actor handle"):
+        minray.kill("not an actor")
 
 
 def test_object_larger_than_the_store_is_a_clear_error():
