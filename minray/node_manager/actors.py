@@ -11,7 +11,7 @@ import collections
 import logging
 
 from minray._core.scheduler import Task
-from minray.exceptions import ObjectLostError, RayActorError, TaskUnschedulableError
+from minray.exceptions import RayActorError, TaskUnschedulableError
 from minray.node_manager.objects import ERROR
 
 log = logging.getLogger("minray.node_manager")
@@ -62,26 +62,19 @@ class ActorManager:
         if request_id:
             conn.send(("info", request_id, None))
         self.nm._log("actors", actor.actor_id, self._record(actor))
+        # Arguments are held first: a dead actor releases them either way.
+        failed, missing = self.nm.claim_args(spec["args"], f"actor {spec['class_name']}")
         if not self.nm.queues.feasible(actor.resources):
             self.die(actor, TaskUnschedulableError(
                 f"actor {spec['class_name']} asks for {actor.resources} but this cluster has "
                 f"{self.nm.queues.total_resources} in total: it can never be placed"))
             return
-        for arg in spec["args"]:
-            if arg[0] != "r":
-                continue
-            entry = self.nm.objects.get(arg[1])
-            if entry is None:
-                self.die(actor, ObjectLostError(
-                    f"argument {arg[1].hex()} of actor {spec['class_name']} was freed"))
-                return
-            entry.task_refs += 1
-            if entry.kind == ERROR:
-                self.die_with(actor, entry.meta, entry.data)
-                return
-            if not entry.ready:
-                actor.missing += 1
-                self.waiting_creation.setdefault(arg[1], []).append(actor)
+        if failed is not None:
+            self.die_with(actor, *failed)
+            return
+        actor.missing = len(missing)
+        for object_id in missing:
+            self.waiting_creation.setdefault(object_id, []).append(actor)
         if actor.missing == 0:
             self.unplaced.append(actor)
             self.nm.schedule()
@@ -145,21 +138,13 @@ class ActorManager:
         if actor.state == DEAD:
             nm.fail_call_with(task, *actor.death)
             return
-        for arg in args:
-            if arg[0] != "r":
-                continue
-            entry = nm.objects.get(arg[1])
-            if entry is None:
-                nm.fail_call(task, ObjectLostError(
-                    f"argument {arg[1].hex()} of {method} was freed or never existed"))
-                return
-            entry.task_refs += 1
-            if entry.kind == ERROR:
-                nm.fail_call_with(task, entry.meta, entry.data)
-                return
-            if not entry.ready:
-                task.missing += 1
-                self.waiting_calls.setdefault(arg[1], []).append((actor, task))
+        failed, missing = nm.claim_args(args, method)
+        if failed is not None:
+            nm.fail_call_with(task, *failed)
+            return
+        task.missing = len(missing)
+        for object_id in missing:
+            self.waiting_calls.setdefault(object_id, []).append((actor, task))
         actor.calls.append(task)
         self.pump(actor)
 

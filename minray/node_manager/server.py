@@ -308,28 +308,37 @@ class NodeManager:
                 f"{self.queues.total_resources} in total: no node can ever run it; "
                 "lower the request or add a node with those resources")))
             return
-        missing = []
-        failed = None
-        for arg in args:
-            if arg[0] != "r":
-                continue
-            object_id = arg[1]
-            entry = self.objects.get(object_id)
-            if entry is None:
-                failed = error_object(ObjectLostError(
-                    f"argument {object_id.hex()} of task {name} was freed or never existed"))
-                break
-            entry.task_refs += 1
-            if entry.kind == ERROR:
-                failed = (entry.meta, entry.data)
-            elif not entry.ready:
-                missing.append(object_id)
+        failed, missing = self.claim_args(args, f"task {name}")
         if failed is not None:
             self.fail_task(task, *failed)
             return
         self.queues.add(task, missing)
         if not missing:
             self.schedule()
+
+    def claim_args(self, args, what):
+        """Hold the ref arguments of a task, call or actor until it is done.
+
+        Returns (failure, missing): failure is the (meta, data) error object
+        it must fail with (an argument was freed or is itself an error),
+        missing the ids of arguments not ready yet. Every argument that
+        exists is held, failure or not, so finishing releases them evenly.
+        """
+        failed, missing = None, []
+        for arg in args:
+            if arg[0] != "r":
+                continue
+            entry = self.objects.get(arg[1])
+            if entry is None:
+                failed = failed or error_object(ObjectLostError(
+                    f"argument {arg[1].hex()} of {what} was freed or never existed"))
+                continue
+            entry.task_refs += 1
+            if entry.kind == ERROR:
+                failed = failed or (entry.meta, entry.data)
+            elif not entry.ready:
+                missing.append(arg[1])
+        return failed, missing
 
     def fail_task(self, task, meta, data, error_text=None):
         """Set every return of a task to an error object (it never runs again)."""
