@@ -110,8 +110,8 @@ class ActorManager:
 
     def on_ready(self, conn, actor_id, meta, data, error_text):
         actor = self.actors.get(actor_id)
-        if actor is None or actor.state == DEAD:
-            return
+        if actor is None or actor.state == DEAD or conn.worker is not actor.worker:
+            return                       # (or from a worker killed since, see kill)
         if meta is not None:             # the constructor raised
             if error_text:
                 self.nm.report_error_text(actor.spec["class_name"], actor_id, error_text)
@@ -237,7 +237,9 @@ class ActorManager:
             self.die(actor, RayActorError(reason or (
                 f"actor {actor.spec['class_name']} was killed with minray.kill")))
         elif actor.worker is not None:
-            self.nm.pool.remove(actor.worker.worker_id)   # dies; restarts if allowed
+            # Its worker counts as dead now (and is killed), so the restart is
+            # under way before any later call arrives: those wait for it.
+            self.nm.worker_died(actor.worker)
 
     def die(self, actor, exc):
         from minray.node_manager.server import error_object
@@ -271,7 +273,7 @@ class ActorManager:
 
     def on_exit(self, worker):
         actor = self.actors.get(worker.actor)
-        if actor is not None:
+        if actor is not None and actor.worker is worker:
             actor.restarts_left = 0
             self.die(actor, RayActorError(
                 f"actor {actor.spec['class_name']} exited (minray.actor.exit_actor())"))

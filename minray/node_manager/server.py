@@ -460,6 +460,8 @@ class NodeManager:
             self.queues.acquire(_lent(worker.lease))    # may oversubscribe briefly
 
     def worker_died(self, worker):
+        if worker.dead:
+            return                  # already handled (an actor killed for a restart)
         worker.dead = True
         if worker in self.idle:
             self.idle.remove(worker)
