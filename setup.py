@@ -46,7 +46,10 @@ setup(
         "paramiko",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        "test": ["pytest>=7", "pytest-timeout", "scipy", "scikit-learn"],
+        # What docs/examples need beyond the core (torch pinned to the CPU
+        # build these machines carry; an unpinned torch pulls a CUDA build).
+        "examples": ["scipy", "scikit-learn", "gymnasium", "torch==2.13.0"],
     },
     entry_points={"console_scripts": ["minray = minray.scripts.cli:main"]},
     zip_safe=False,
