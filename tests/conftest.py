@@ -41,3 +41,12 @@ def python_child(code, *args, **popen_kwargs):
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
         cwd=REPO, **popen_kwargs)
+
+
+@pytest.fixture
+def gate(tmp_path):
+    """A file path that gated tasks or calls wait for; created at teardown at
+    the latest, so nothing gated keeps a worker busy after its test."""
+    path = str(tmp_path / "gate")
+    yield path
+    open(path, "w").close()

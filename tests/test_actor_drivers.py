@@ -8,23 +8,16 @@ One head driver (its own process, with a private MINRAY_SESSION_ROOT so
 joining drivers against it and watch their actors' processes from outside.
 """
 import json
-import os
 import shutil
 import signal
 import subprocess
 import tempfile
 
-import psutil
 import pytest
 
-from minray_driver import poll, run_driver, start_driver
+from minray_driver import gone, poll, run_driver, start_driver
 
 
-def gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def output_line(stdout, tag):

@@ -13,7 +13,6 @@ import os
 import signal
 import time
 
-import psutil
 import pytest
 
 import minray
@@ -28,11 +27,6 @@ def cluster():
     minray.shutdown()
 
 
-@pytest.fixture
-def gate(tmp_path):
-    path = str(tmp_path / "gate")
-    yield path
-    open(path, "w").close()
 
 
 def wait_for_file(path, limit=30.0):
@@ -43,11 +37,6 @@ def wait_for_file(path, limit=30.0):
         time.sleep(0.005)
 
 
-def gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 @minray.remote

@@ -14,12 +14,11 @@ import threading
 import time
 
 import numpy as np
-import psutil
 import pytest
 
 import minray
 from minray.exceptions import RayActorError, RayTaskError, TaskUnschedulableError
-from minray_driver import poll
+from minray_driver import gone, poll
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,13 +28,6 @@ def cluster():
     minray.shutdown()
 
 
-@pytest.fixture
-def gate(tmp_path):
-    """A file path that gated calls wait for; created at teardown at the
-    latest, so no gated call keeps an actor busy after its test."""
-    path = str(tmp_path / "gate")
-    yield path
-    open(path, "w").close()
 
 
 def wait_for_file(path, limit=30.0):
@@ -46,11 +38,6 @@ def wait_for_file(path, limit=30.0):
         time.sleep(0.005)
 
 
-def gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 @minray.remote

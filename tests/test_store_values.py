@@ -1,6 +1,5 @@
 """Python values through the store: zero-copy, read-only, pinned by their views."""
 import gc
-import os
 import subprocess
 
 import numpy as np

@@ -29,13 +29,6 @@ def cluster():
     minray.shutdown()
 
 
-@pytest.fixture
-def gate(tmp_path):
-    """A file path that gated tasks wait for; opened (created) at teardown at
-    the latest, so no gated task keeps a worker busy after its test."""
-    path = str(tmp_path / "gate")
-    yield path
-    open(path, "w").close()
 
 
 @minray.remote

@@ -1,4 +1,6 @@
 """SerializedObject: a value ready to be written, and its kinds per format."""
+import abc
+
 from minray.exceptions import SerializationError
 
 from . import copying
@@ -6,14 +8,14 @@ from .copying import _check_dest, _copy
 from .layout import _ALIGN, _ENTRY, _HEADER, _MAGIC, _VERSION, _ZEROS, META_PICKLE5
 
 
-class SerializedObject:
+class SerializedObject(abc.ABC):
     """A value ready to be written: a ``metadata`` tag and ``total_size`` bytes."""
 
     __slots__ = ("metadata", "total_size")
 
+    @abc.abstractmethod
     def write_to(self, dest):
         """Write exactly ``total_size`` bytes into the writable buffer ``dest``."""
-        raise NotImplementedError
 
 
 class _RawObject(SerializedObject):
