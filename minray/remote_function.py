@@ -103,6 +103,7 @@ class RemoteFunction:
     def __init__(self, function, options):
         self._function = function
         self._options = validate_task_options(options)
+        self._resources = validate_resources(self._options)   # once, not per call
         self._name = getattr(function, "__qualname__", getattr(function, "__name__", "task"))
         self._pickled = None
         self._function_id = None
@@ -118,10 +119,10 @@ class RemoteFunction:
     def options(self, **options):
         merged = dict(self._options)
         merged.update(validate_task_options(options))
-        return _BoundOptions(self, merged)
+        return _BoundOptions(self, merged, validate_resources(merged))
 
     def remote(self, *args, **kwargs):
-        return self._submit(args, kwargs, self._options)
+        return self._submit(args, kwargs, self._options, self._resources)
 
     def _export(self, client):
         if self._pickled is None:
@@ -133,7 +134,7 @@ class RemoteFunction:
             self._function_id = hashlib.blake2b(self._pickled, digest_size=16).digest()
         client.export_function(self._function_id, self._pickled, self._name)
 
-    def _submit(self, args, kwargs, options):
+    def _submit(self, args, kwargs, options, resources):
         from minray import api
         client = api.ensure_initialized()
         self._export(client)
@@ -143,7 +144,7 @@ class RemoteFunction:
         return_ids = [task_id + (i).to_bytes(4, "big") for i in range(1, num_returns + 1)]
         refs = returns_of(return_ids)
         spec = (task_id, self._function_id, options.get("name", self._name), entries,
-                kwarg_names, num_returns, validate_resources(options),
+                kwarg_names, num_returns, resources,
                 options.get("max_retries", DEFAULT_MAX_RETRIES))
         client.submit(spec, return_ids)
         del keep_alive
@@ -151,9 +152,10 @@ class RemoteFunction:
 
 
 class _BoundOptions:
-    def __init__(self, remote_function, options):
+    def __init__(self, remote_function, options, resources):
         self._remote_function = remote_function
         self._options = options
+        self._resources = resources
 
     def remote(self, *args, **kwargs):
-        return self._remote_function._submit(args, kwargs, self._options)
+        return self._remote_function._submit(args, kwargs, self._options, self._resources)
