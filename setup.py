@@ -46,7 +46,9 @@ setup(
         "paramiko",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "scipy", "scikit-learn"],
+        # The suite runs every example's smoke mode, so it needs their extras.
+        "test": ["pytest>=7", "pytest-timeout", "scipy", "scikit-learn", "gymnasium",
+                 "torch==2.13.0"],
         # What docs/examples need beyond the core (torch pinned to the CPU
         # build these machines carry; an unpinned torch pulls a CUDA build).
         "examples": ["scipy", "scikit-learn", "gymnasium", "torch==2.13.0"],
