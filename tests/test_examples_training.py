@@ -27,8 +27,6 @@ def run_example(name, *args, timeout=180):
 
 
 def test_data_parallel_torch_training_learns_and_matches_serial():
-    pytest.importorskip("torch")
-    pytest.importorskip("sklearn")
     out = run_example("data_parallel.py")
     assert re.search(r"minray started \d+ CPUs and 2 Worker actors", out), out
     accs = [float(a) for a in re.findall(r"parallel epoch +[0-9.]+: .*test accuracy ([0-9.]+)", out)]
@@ -48,15 +46,12 @@ def test_data_parallel_torch_training_learns_and_matches_serial():
 
 
 def test_data_parallel_three_workers():
-    pytest.importorskip("torch")
-    pytest.importorskip("sklearn")
     out = run_example("data_parallel.py", "--num-workers", "3", "--batch-size", "16")
     assert "3 shards" in out and "3 Worker actors" in out, out
     assert "test accuracy rose" in out
 
 
 def test_nested_experiments_launch_inner_tasks_and_match_serial():
-    pytest.importorskip("sklearn")
     out = run_example("nested_experiments.py")
     assert "2 experiments (hidden sizes [16, 64]), each launching 4 inner tasks" in out, out
     done = re.findall(r"experiment hidden= *(\d+) finished after .*\((\d+) inner tasks, pid (\d+)\)"

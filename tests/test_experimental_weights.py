@@ -10,8 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 import minray
 from minray.experimental import TorchWeights
