@@ -61,3 +61,23 @@ def gone(pid):
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+EXAMPLES = os.path.join(REPO, "docs", "examples")
+
+
+def run_example(name, *args, timeout=180):
+    """Run docs/examples/<name> --smoke; return its stdout (asserting exit status 0)."""
+    import pytest
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(EXAMPLES, name), "--smoke", *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{name} did not finish in {timeout} s\nstdout:\n{stdout}\nstderr:\n{stderr}")
+    assert proc.returncode == 0, (
+        f"{name} exited with {proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}")
+    return stdout

@@ -1,29 +1,9 @@
 """The runnable actor examples in docs/examples, each run with --smoke in a real process."""
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(REPO, "docs", "examples")
-
-
-def run_example(name, *args, timeout=120):
-    """Run docs/examples/<name> --smoke; return its stdout (asserting exit status 0)."""
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(EXAMPLES, name), "--smoke", *args],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{name} did not finish in {timeout} s\nstdout:\n{stdout}\nstderr:\n{stderr}")
-    assert proc.returncode == 0, (
-        f"{name} exited with {proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}")
-    return stdout
+from minray_driver import run_example
 
 
 def test_lbfgs_over_actor_shards_matches_serial_and_loss_falls():

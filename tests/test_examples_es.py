@@ -1,25 +1,11 @@
 """docs/examples/evolution_strategies.py --smoke in a real process: the policy learns."""
-import os
 import re
-import subprocess
-import sys
 
-import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "docs", "examples", "evolution_strategies.py")
+from minray_driver import run_example
 
 
 def test_evolution_strategies_smoke_reward_rises():
-    proc = subprocess.Popen([sys.executable, SCRIPT, "--smoke"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"evolution_strategies.py did not finish in 120 s\nstdout:\n{out}\nstderr:\n{err}")
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
+    out = run_example("evolution_strategies.py", timeout=120)
     assert "shared noise table:" in out and "put once" in out
     iterations = re.findall(r"iteration +(\d+): eval reward +([0-9.]+)", out)
     assert [int(i) for i, _ in iterations] == [0, 1, 2, 3, 4]

@@ -1,28 +1,13 @@
 """docs/examples/a3c.py and policy_gradient.py --smoke in real processes: the policies learn."""
-import os
 import re
-import subprocess
-import sys
 
-import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(REPO, "docs", "examples")
+from minray_driver import run_example
 
 
 def run_smoke(script, timeout=180):
-    path = os.path.join(EXAMPLES, script)
-    proc = subprocess.Popen([sys.executable, path, "--smoke"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"{script} did not finish in {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
+    out = run_example(script, timeout=timeout)
     rose = re.search(r"smoke: mean reward rose from ([0-9.]+) to ([0-9.]+)", out)
-    assert rose, f"stdout:\n{out}\nstderr:\n{err}"
+    assert rose, out
     start, end = float(rose.group(1)), float(rose.group(2))
     assert end > start
     return out
