@@ -66,12 +66,17 @@ def gone(pid):
 EXAMPLES = os.path.join(REPO, "docs", "examples")
 
 
-def run_example(name, *args, timeout=180):
+def run_example(name, *args, timeout=180, env=None):
     """Run docs/examples/<name> --smoke; return its stdout (asserting exit status 0)."""
+    return run_example_process(name, args, timeout, env)[0]
+
+
+def run_example_process(name, args=(), timeout=180, env=None):
+    """Like run_example, returning (stdout, pid of the example's process)."""
     import pytest
     proc = subprocess.Popen(
         [sys.executable, os.path.join(EXAMPLES, name), "--smoke", *args],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -80,4 +85,13 @@ def run_example(name, *args, timeout=180):
         pytest.fail(f"{name} did not finish in {timeout} s\nstdout:\n{stdout}\nstderr:\n{stderr}")
     assert proc.returncode == 0, (
         f"{name} exited with {proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}")
-    return stdout
+    return stdout, proc.pid
+
+
+def wait_for_file(path, limit=30.0):
+    """Block until `path` exists (used inside gated actor methods)."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.005)

@@ -11,13 +11,12 @@ an actor dies:
 """
 import os
 import signal
-import time
 
 import pytest
 
 import minray
 from minray.exceptions import RayActorError, RayTaskError
-from minray_driver import poll
+from minray_driver import poll, wait_for_file
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,18 +24,6 @@ def cluster():
     minray.init(num_cpus=2)
     yield
     minray.shutdown()
-
-
-
-
-def wait_for_file(path, limit=30.0):
-    deadline = time.monotonic() + limit
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.005)
-
-
 
 
 @minray.remote

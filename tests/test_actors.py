@@ -18,7 +18,7 @@ import pytest
 
 import minray
 from minray.exceptions import RayActorError, RayTaskError, TaskUnschedulableError
-from minray_driver import gone, poll
+from minray_driver import gone, poll, wait_for_file
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,18 +26,6 @@ def cluster():
     minray.init(num_cpus=2, resources={"widget": 1})
     yield
     minray.shutdown()
-
-
-
-
-def wait_for_file(path, limit=30.0):
-    deadline = time.monotonic() + limit
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.005)
-
-
 
 
 @minray.remote

@@ -3,35 +3,11 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(REPO, "docs", "examples")
-
-
-def run_example(name, *args, timeout=120, env=None):
-    """Run docs/examples/<name> --smoke; return its stdout (asserting exit status 0)."""
-    out, _ = _run(name, args, timeout, env)
-    return out
-
-
-def _run(name, args, timeout, env):
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(EXAMPLES, name), "--smoke", *args],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{name} did not finish in {timeout} s\nstdout:\n{stdout}\nstderr:\n{stderr}")
-    assert proc.returncode == 0, (
-        f"{name} exited with {proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}")
-    return stdout, proc.pid
+from minray_driver import run_example, run_example_process
 
 
 def test_pi_estimates_pi_in_parallel_and_matches_serial():
@@ -74,7 +50,7 @@ def test_example_leaves_nothing_behind(name):
     root = tempfile.mkdtemp(prefix="mr-ex-", dir="/tmp")
     try:
         env = dict(os.environ, MINRAY_SESSION_ROOT=root)
-        _, pid = _run(name, (), 120, env)
+        _, pid = run_example_process(name, (), 120, env)
         # The session directory is gone ...
         assert [e for e in os.listdir(root) if e != "session_latest"] == []
     finally:

@@ -74,3 +74,11 @@ def random_params(rng):
 def describe(params):
     return (f"lr={params['lr']:.4f} hidden={params['hidden']:3d} "
             f"l2={params['l2']:.1e} batch={params['batch_size']:3d}")
+
+
+def check_best(acc, bound):
+    """Print the verdict on the best accuracy; exit 1 if it is below bound."""
+    if acc < bound:
+        print(f"FAILED: best accuracy {acc:.4f} is below {bound}")
+        raise SystemExit(1)
+    print(f"OK: best accuracy is at least {bound}")

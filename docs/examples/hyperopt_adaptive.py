@@ -44,7 +44,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 import minray  # noqa: E402
-from digits_mlp import accuracy, describe, init_network, load_digits_split, random_params, sgd  # noqa: E402
+from digits_mlp import accuracy, check_best, describe, init_network, load_digits_split, random_params, sgd  # noqa: E402
 
 FULL_BOUND = 0.9
 SMOKE_BOUND = 0.5
@@ -194,10 +194,7 @@ def main(argv=None):
     print(f"best configuration: trial {trial.number} after {segments} segment(s) "
           f"({steps} steps): {describe(trial.params)}")
     print(f"best validation accuracy {acc:.4f} ({total_segments} segments in {wall:.1f} s)")
-    if acc < bound:
-        print(f"FAILED: best accuracy {acc:.4f} is below {bound}")
-        raise SystemExit(1)
-    print(f"OK: best accuracy is at least {bound}")
+    check_best(acc, bound)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 import minray  # noqa: E402
-from digits_mlp import accuracy, describe, init_network, load_digits_split, random_params, sgd  # noqa: E402
+from digits_mlp import accuracy, check_best, describe, init_network, load_digits_split, random_params, sgd  # noqa: E402
 
 FULL_BOUND = 0.9
 SMOKE_BOUND = 0.5
@@ -107,10 +107,7 @@ def main(argv=None):
     acc, trial, params = max(results, key=lambda r: r[0])
     print(f"best configuration: trial {trial}: {describe(params)}")
     print(f"best validation accuracy {acc:.4f} ({len(results)} trials in {wall:.1f} s)")
-    if acc < bound:
-        print(f"FAILED: best accuracy {acc:.4f} is below {bound}")
-        raise SystemExit(1)
-    print(f"OK: best accuracy is at least {bound}")
+    check_best(acc, bound)
 
 
 if __name__ == "__main__":
