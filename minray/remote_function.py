@@ -80,9 +80,7 @@ def encode_args(client, function_name, args, kwargs):
                      else f"keyword argument {list(kwargs)[position - len(args)]!r}")
             raise SerializationError(f"{where} of {function_name}: {exc}") from None
         if serialized.total_size <= core.INLINE_MAX_BYTES:
-            buf = bytearray(serialized.total_size)
-            serialized.write_to(memoryview(buf))
-            entries.append(("v", serialized.metadata, bytes(buf)))
+            entries.append(("v", serialized.metadata, serialized.to_bytes()))
         else:
             object_id = client.next_put_id()
             ref = ObjectRef(object_id)

@@ -52,9 +52,7 @@ UNLIMITED_RETRIES = 1 << 30      # max_retries=-1
 def error_object(exc):
     """Serialize an exception into (meta, bytes) of an ERROR object."""
     ser = serialize(exc)
-    buf = bytearray(ser.total_size)
-    ser.write_to(memoryview(buf))
-    return ser.metadata, bytes(buf)
+    return ser.metadata, ser.to_bytes()
 
 
 class Connection(wire.FramedServerProtocol):

@@ -305,9 +305,7 @@ class CoreClient:
         """Store a serialized value under a new id owned by this process."""
         meta = serialized.metadata
         if serialized.total_size <= INLINE_MAX_BYTES:
-            buf = bytearray(serialized.total_size)
-            serialized.write_to(memoryview(buf))
-            payload = bytes(buf)
+            payload = serialized.to_bytes()
             self.objects[object_id] = (INLINE, meta, payload)
             self.owned.add(object_id)
             self.send(("put", object_id, INLINE, meta, payload))

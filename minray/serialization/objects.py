@@ -17,6 +17,12 @@ class SerializedObject(abc.ABC):
     def write_to(self, dest):
         """Write exactly ``total_size`` bytes into the writable buffer ``dest``."""
 
+    def to_bytes(self):
+        """The data as one bytes object (for values small enough to travel inline)."""
+        buf = bytearray(self.total_size)
+        self.write_to(memoryview(buf))
+        return bytes(buf)
+
 
 class _RawObject(SerializedObject):
     """The data is one bytes-like payload (formats RB, RA, PK)."""
@@ -30,6 +36,10 @@ class _RawObject(SerializedObject):
 
     def write_to(self, dest):
         _copy(_check_dest(dest, self.total_size), self.payload)
+
+    def to_bytes(self):
+        # bytes values and pickle streams are already the data: no copy.
+        return self.payload if type(self.payload) is bytes else bytes(self.payload)
 
 
 class _Pickle5Object(SerializedObject):

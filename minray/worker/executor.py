@@ -182,9 +182,7 @@ class Executor:
         for object_id, value in zip(return_ids, values):
             serialized = serialize(value)
             if serialized.total_size <= core.INLINE_MAX_BYTES:
-                buf = bytearray(serialized.total_size)
-                serialized.write_to(memoryview(buf))
-                results.append((object_id, "v", serialized.metadata, bytes(buf)))
+                results.append((object_id, "v", serialized.metadata, serialized.to_bytes()))
             else:
                 write_serialized(self.client.store, object_id, serialized)
                 results.append((object_id, "s", serialized.metadata, serialized.total_size))
@@ -199,9 +197,7 @@ class Executor:
             # The exception itself cannot travel: send its text instead.
             error = RayTaskError(name, text, RuntimeError(repr(exc)), os.getpid())
             serialized = serialize(error)
-        buf = bytearray(serialized.total_size)
-        serialized.write_to(memoryview(buf))
-        payload = bytes(buf)
+        payload = serialized.to_bytes()
         summary = f"task {name} failed (pid={os.getpid()}):\n{text.rstrip()}"
         return summary, [(object_id, "e", serialized.metadata, payload) for object_id in return_ids]
 
