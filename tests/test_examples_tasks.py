@@ -24,6 +24,8 @@ def test_pi_estimates_pi_in_parallel_and_matches_serial():
 def test_tree_reduce_matches_serial_sum():
     out = run_example("tree_reduce.py")
     assert "127 tasks (64 generate, 63 aggregate, tree depth 6)" in out
+    assert re.search(r"serial: the same sum in this process in [0-9.]+ s", out)
+    assert re.search(r"speed-up with \d+ CPUs: [0-9.]+x", out)
     assert "matches the serial sum" in out
 
 
