@@ -8,6 +8,8 @@ import tempfile
 import textwrap
 import time
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -95,3 +97,14 @@ def wait_for_file(path, limit=30.0):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} never appeared")
         time.sleep(0.005)
+
+
+def module_cluster(**init_kwargs):
+    """An autouse fixture: one local cluster shared by a test module's tests."""
+    @pytest.fixture(scope="module", autouse=True)
+    def cluster():
+        import minray
+        minray.init(**init_kwargs)
+        yield
+        minray.shutdown()
+    return cluster

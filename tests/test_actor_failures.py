@@ -16,14 +16,10 @@ import pytest
 
 import minray
 from minray.exceptions import RayActorError, RayTaskError
-from minray_driver import poll, wait_for_file
+from minray_driver import module_cluster, poll, wait_for_file
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cluster():
-    minray.init(num_cpus=2)
-    yield
-    minray.shutdown()
+cluster = module_cluster(num_cpus=2)
 
 
 @minray.remote

@@ -18,14 +18,10 @@ import pytest
 
 import minray
 from minray.exceptions import RayActorError, RayTaskError, TaskUnschedulableError
-from minray_driver import gone, poll, wait_for_file
+from minray_driver import gone, module_cluster, poll, wait_for_file
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cluster():
-    minray.init(num_cpus=2, resources={"widget": 1})
-    yield
-    minray.shutdown()
+cluster = module_cluster(num_cpus=2, resources={"widget": 1})
 
 
 @minray.remote

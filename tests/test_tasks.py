@@ -19,14 +19,10 @@ import minray.state
 from minray.exceptions import (
     GetTimeoutError, RayTaskError, TaskUnschedulableError, WorkerCrashedError,
 )
-from minray_driver import poll, run_driver
+from minray_driver import module_cluster, poll, run_driver
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cluster():
-    minray.init(num_cpus=2)
-    yield
-    minray.shutdown()
+cluster = module_cluster(num_cpus=2)
 
 
 

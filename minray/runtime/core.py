@@ -72,9 +72,17 @@ class CoreClient:
         self.put_index = 0
         self.welcome = None
         self.store = None
+        self.futures = None          # RefFutures, made on the first ref.future()
         self.send(("hello", role, info))
         threading.Thread(target=self._send_bookkeeping_loop, daemon=True,
                          name="minray-refs").start()
+
+    def ref_futures(self):
+        with self.cond:
+            if self.futures is None:
+                from minray.runtime.futures import RefFutures
+                self.futures = RefFutures(self)
+            return self.futures
 
     def attach_store(self, store_name):
         self.store = SharedStore.attach(store_name)

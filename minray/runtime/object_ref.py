@@ -1,4 +1,6 @@
 """ObjectRef: a future naming an object that exists now or will."""
+import asyncio
+
 from minray.runtime import core
 
 
@@ -24,6 +26,18 @@ class ObjectRef:
 
     def task_id(self):
         return self._id[:16]
+
+    def future(self):
+        """A concurrent.futures.Future for this ref's value (or its task's error)."""
+        client = self._client or core.current()
+        if client is None:
+            raise RuntimeError("minray is not initialized: call minray.init() first")
+        return client.ref_futures().future(self)
+
+    def __await__(self):
+        # Awaiting suspends only the coroutine: the event loop (an async
+        # actor's, or the driver's) keeps running other coroutines meanwhile.
+        return asyncio.wrap_future(self.future()).__await__()
 
     def __eq__(self, other):
         return isinstance(other, ObjectRef) and other._id == self._id
