@@ -11,18 +11,24 @@ hands it back: the driver prints its accuracy and starts a new trial, until
 --trials trials are done. This is the original's hyperopt_simple.py. The data
 set is put into the object store once; every task gets the same ref.
 
+Then the same trials (same configurations, same seeds) run again one after
+another in this process, for the time comparison. A trial depends only on its
+configuration and seed, so each must reach exactly the same accuracy and
+training loss as in the parallel search.
+
     python docs/examples/hyperopt_simple.py                        # 32 trials of 1,500 steps
     python docs/examples/hyperopt_simple.py --smoke                # 6 trials of 300 steps
     python docs/examples/hyperopt_simple.py --trials 5 --steps 10  # the original's command
 
-Exits with status 1 if the best validation accuracy is below 0.9 (0.5 with
---smoke, whose trials are short).
+Exits with status 1 if a serial trial's result differs from its parallel run,
+or if the best validation accuracy is below 0.9 (0.5 with --smoke, whose
+trials are short).
 """
 import os
 
-# One BLAS thread per process: the trials already use every CPU. minray's
-# workers inherit the driver's environment, so this (before numpy loads)
-# covers them too.
+# One BLAS thread per process: the trials already use every CPU, and the serial
+# run must not use more than one. minray's workers inherit the driver's
+# environment, so this (before numpy loads) covers them too.
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 
@@ -38,15 +44,20 @@ FULL_BOUND = 0.9
 SMOKE_BOUND = 0.5
 
 
-@minray.remote
 def train_and_validate(data, params, steps, seed):
-    """Train a fresh network for `steps` SGD steps; return (params, accuracy, loss, seconds)."""
+    """Train a fresh network for `steps` SGD steps; return (accuracy, loss, seconds).
+
+    Everything random comes from `seed`, so the result depends on nothing else.
+    """
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     net = init_network(rng, data["x_train"].shape[1], params["hidden"], data["classes"])
     loss = sgd(net, data, params, steps, rng)
     acc = accuracy(net, data["x_val"], data["y_val"])
-    return params, acc, loss, time.perf_counter() - start
+    return acc, loss, time.perf_counter() - start
+
+
+train_task = minray.remote(train_and_validate)   # the same function, as a minray task
 
 
 def main(argv=None):
@@ -65,49 +76,74 @@ def main(argv=None):
     bound = SMOKE_BOUND if args.smoke else FULL_BOUND
     if args.trials < 1 or args.steps < 1 or (args.in_flight is not None and args.in_flight < 1):
         parser.error("--trials, --steps and --in-flight must be at least 1")
+    # Every trial's configuration and seed, drawn up front: the serial run repeats them.
     rng = np.random.default_rng(args.seed)
+    configs = {trial: random_params(rng) for trial in range(1, args.trials + 1)}
+    seeds = {trial: args.seed * 100_003 + trial for trial in configs}
 
     start = time.perf_counter()
     minray.init()
     cpus = int(minray.cluster_resources().get("CPU", 1))
     in_flight = min(args.in_flight or cpus, args.trials)
     data = load_digits_split()
-    print(f"digits: {len(data['y_train'])} training and {len(data['y_val'])} validation images; "
-          f"{args.trials} trials of {args.steps} SGD steps, {in_flight} at a time on {cpus} CPUs",
-          flush=True)
     data_ref = minray.put(data)
+    print(f"digits: {len(data['y_train'])} training and {len(data['y_val'])} validation images; "
+          f"{args.trials} trials of {args.steps} SGD steps, {in_flight} at a time on {cpus} CPUs "
+          f"(cluster up and data put in {time.perf_counter() - start:.2f} s)", flush=True)
 
-    launched = 0
+    start = time.perf_counter()
+    to_launch = iter(configs)
     pending = {}
 
     def launch():
-        nonlocal launched
-        launched += 1
-        params = random_params(rng)
-        ref = train_and_validate.remote(data_ref, params, args.steps, args.seed * 100_003 + launched)
-        pending[ref] = launched
+        trial = next(to_launch, None)
+        if trial is not None:
+            pending[train_task.remote(data_ref, configs[trial], args.steps, seeds[trial])] = trial
 
     for _ in range(in_flight):
         launch()
-    results = []
+    results = {}                 # trial -> (accuracy, loss)
+    task_seconds = 0.0
     while pending:
-        ready, _ = minray.wait(list(pending), num_returns=1)
-        trial = pending.pop(ready[0])
-        params, acc, loss, seconds = minray.get(ready[0])
-        results.append((acc, trial, params))
-        best = max(results, key=lambda r: r[0])
+        [ready], _ = minray.wait(list(pending), num_returns=1)
+        trial = pending.pop(ready)
+        acc, loss, seconds = minray.get(ready)
+        results[trial] = (acc, loss)
+        task_seconds += seconds
+        best = max(results, key=lambda t: results[t][0])
         print(f"trial {trial:3d} done ({len(results):3d}/{args.trials}): accuracy {acc:.4f} "
-              f"train loss {loss:.3f} in {seconds:.2f} s  [{describe(params)}]  best so far {best[0]:.4f}",
-              flush=True)
-        if launched < args.trials:
-            launch()           # keep every CPU busy until all trials are launched
-    wall = time.perf_counter() - start
+              f"train loss {loss:.3f} in {seconds:.2f} s  [{describe(configs[trial])}]  "
+              f"best so far {results[best][0]:.4f}", flush=True)
+        launch()                 # keep every CPU busy until all trials are launched
+    search_s = time.perf_counter() - start
     minray.shutdown()
+    print(f"search: {args.trials} trials in {search_s:.2f} s "
+          f"({task_seconds:.2f} s of training summed over the tasks)")
 
-    acc, trial, params = max(results, key=lambda r: r[0])
-    print(f"best configuration: trial {trial}: {describe(params)}")
-    print(f"best validation accuracy {acc:.4f} ({len(results)} trials in {wall:.1f} s)")
-    check_best(acc, bound)
+    # The same trials one after another in this process: same configurations and
+    # seeds, so the same accuracies and losses, bit for bit.
+    print("running the same trials serially in this process ...", flush=True)
+    start = time.perf_counter()
+    differ = []
+    for trial, params in configs.items():
+        acc, loss, _ = train_and_validate(data, params, args.steps, seeds[trial])
+        if (acc, loss) != results[trial]:
+            differ.append(trial)
+            print(f"  trial {trial}: serial (accuracy, loss) {(acc, loss)!r}, "
+                  f"parallel {results[trial]!r}")
+    serial_s = time.perf_counter() - start
+    print(f"serial: {args.trials} trials in {serial_s:.2f} s; search {search_s:.2f} s; "
+          f"speed-up {serial_s / search_s:.2f}x with {in_flight} in flight on {cpus} CPUs")
+    if differ:
+        print(f"FAILED: {len(differ)} of {args.trials} trials differ from their parallel run")
+        raise SystemExit(1)
+    print(f"all {args.trials} serial accuracies and losses match the parallel search's")
+
+    best = max(results, key=lambda t: results[t][0])
+    print(f"best configuration: trial {best}: {describe(configs[best])}")
+    print(f"best validation accuracy {results[best][0]:.4f} "
+          f"({args.trials} trials in {search_s:.1f} s)")
+    check_best(results[best][0], bound)
 
 
 if __name__ == "__main__":
