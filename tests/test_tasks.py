@@ -436,6 +436,66 @@ def test_tasks_given_back_by_a_blocked_worker_still_run(tmp_path):
     assert minray.get([short.remote(i) for i in range(300)], timeout=60) == list(range(300))
 
 
+def test_short_tasks_never_queue_behind_a_long_running_task(tmp_path):
+    # Once a task's function is known to be short, the node manager queues
+    # such tasks on busy workers, but never on one running a long or untimed
+    # task: there they would wait for it while another CPU runs nothing.
+    @minray.remote
+    def hold(gate):
+        deadline = time.monotonic() + 30
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return "released"
+
+    @minray.remote
+    def quick(i):
+        return i
+
+    assert minray.get([quick.remote(i) for i in range(20)], timeout=30) == list(range(20))
+    gate = str(tmp_path / "gate")
+    held = hold.remote(gate)
+    try:
+        refs = [quick.remote(i) for i in range(200)]
+        ready, _ = minray.wait(refs, num_returns=len(refs), timeout=20)
+        assert len(ready) == len(refs), f"{len(refs) - len(ready)} quick tasks stuck"
+    finally:
+        open(gate, "w").close()
+    assert minray.get(held, timeout=30) == "released"
+
+
+@pytest.mark.parametrize("learned_seconds, queued_ahead", [(0.01, 2), (0.08, 0)])
+def test_medium_tasks_queue_one_ahead_and_long_ones_do_not(tmp_path, learned_seconds,
+                                                            queued_ahead):
+    # A function whose runs take ~10 ms gets one task queued behind each busy
+    # worker (no idle round trip between them); one taking ~80 ms does not
+    # (a task stuck behind it while a CPU frees up would cost more than the
+    # round trip saves). The node manager reports queued-on-a-worker tasks as
+    # RUNNING and tasks it still holds as PENDING.
+    @minray.remote
+    def timed(seconds, gate=None):
+        time.sleep(seconds)
+        if gate is not None:
+            deadline = time.monotonic() + 30
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return seconds
+
+    for _ in range(6):                       # teach the node manager its run time
+        minray.get(timed.remote(learned_seconds), timeout=30)
+    gate = str(tmp_path / "gate")
+    refs = [timed.remote(0, gate) for _ in range(6)]
+    try:
+        def states():
+            rows = [t for t in minray.state.tasks() if t["name"].endswith("timed")
+                    and t["state"] in ("RUNNING", "PENDING")]
+            return sorted(t["state"] for t in rows)
+        expected = ["PENDING"] * (4 - queued_ahead) + ["RUNNING"] * (2 + queued_ahead)
+        poll(lambda: states() == expected, what=f"tasks dispatched as {expected} (now {states()})")
+    finally:
+        open(gate, "w").close()
+    assert minray.get(refs, timeout=60) == [0] * 6
+
+
 def test_children_queued_on_their_parents_worker_do_not_deadlock():
     # Every CPU is busy with a parent task, and the children are known to be
     # short, so the node manager queues them on busy workers, maybe on the

@@ -43,8 +43,15 @@ from minray.session import node_socket_path
 
 log = logging.getLogger("minray.node_manager")
 
-PIPELINE_DEPTH = 16            # tasks queued ahead on one worker ...
-SHORT_TASK_S = 0.002           # ... only for functions that run this briefly
+# Tasks queued on a busy worker, so it starts the next one without waiting
+# for a round trip through this process (~1-2 ms when the CPUs were idle on a
+# VM). Deep for tiny tasks; one ahead for medium ones, which bounds the cost
+# of a bad guess (a task waiting behind a slow one while another worker is
+# free) to one medium task; none for long tasks, where a round trip is noise.
+PIPELINE_DEPTH = 16            # queue length for functions that run ...
+SHORT_TASK_S = 0.002           # ... at most this long on average
+MEDIUM_PIPELINE_DEPTH = 2      # queue length for functions that run ...
+MEDIUM_TASK_S = 0.05           # ... at most this long on average
 MIN_MAX_WORKERS = 16
 UNLIMITED_RETRIES = 1 << 30      # max_retries=-1
 
@@ -533,20 +540,33 @@ class NodeManager:
             worker.conn.send(("tasks", dispatches))
 
     def _pipeline(self, batches):
-        """Queue more short tasks of the same shape on busy workers."""
+        """Queue more short and medium tasks of the same shape on busy workers."""
         for worker in self.pool.workers.values():
             if worker.blocked or worker.lease_shape is None or worker.actor is not None:
                 continue
-            while len(worker.queue) < PIPELINE_DEPTH:
+            # The tightest limit of what the worker holds: nothing waits behind
+            # a long or untimed task, however short the newcomer.
+            limit = min((self._pipeline_depth(t.spec[1]) for t in worker.queue),
+                        default=PIPELINE_DEPTH)
+            while len(worker.queue) < limit:
                 task = self.queues.pop_shape(worker.lease_shape)
                 if task is None:
                     break
                 if task.extra == "failed":
                     continue
-                if self.durations.get(task.spec[1], 1.0) > SHORT_TASK_S:
+                depth = self._pipeline_depth(task.spec[1])
+                if len(worker.queue) >= depth:
                     self.queues.push_ready(task, front=True)
                     break
+                limit = min(limit, depth)
                 self._assign(worker, task, batches)
+
+    def _pipeline_depth(self, function_id):
+        """How many tasks of this function a worker may hold (running + queued)."""
+        seconds = self.durations.get(function_id)
+        if seconds is None or seconds > MEDIUM_TASK_S:    # unknown or long: one at a time
+            return 1
+        return PIPELINE_DEPTH if seconds <= SHORT_TASK_S else MEDIUM_PIPELINE_DEPTH
 
     def _assign(self, worker, task, batches):
         task.worker = worker
