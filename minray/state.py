@@ -51,10 +51,12 @@ def objects(client=None, limit=DEFAULT_LIMIT):
 
 
 def _with_live(table, client, limit):
+    # Live rows first: with many finished tasks logged, the limit must not
+    # cut off the ones still pending or running.
     live = _live(table) if client is None else []
-    out = rows(table, client, limit)
+    out = live[:limit]
     known = {row["id"] for row in out}
-    out.extend(row for row in live if row["id"] not in known)
+    out.extend(row for row in rows(table, client, limit) if row["id"] not in known)
     return out[:limit]
 
 
