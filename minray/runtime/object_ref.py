@@ -1,6 +1,4 @@
 """ObjectRef: a future naming an object that exists now or will."""
-import asyncio
-
 from minray.runtime import core
 
 
@@ -37,6 +35,7 @@ class ObjectRef:
     def __await__(self):
         # Awaiting suspends only the coroutine: the event loop (an async
         # actor's, or the driver's) keeps running other coroutines meanwhile.
+        import asyncio        # here: most processes never await, and asyncio is 5+ MB
         return asyncio.wrap_future(self.future()).__await__()
 
     def __eq__(self, other):
