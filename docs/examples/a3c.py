@@ -61,6 +61,7 @@ import torch
 import torch.nn as nn
 
 import minray
+from minray.experimental import TorchWeights
 
 torch.set_num_threads(1)
 
@@ -82,11 +83,6 @@ class PolicyValueNet(nn.Module):
     def forward(self, obs):
         h = self.body(obs)
         return self.policy(h), self.value(h).squeeze(-1)
-
-
-def load_flat_weights(net, weights):
-    # torch.tensor copies: what minray.get returns is a read-only view of shared memory.
-    nn.utils.vector_to_parameters(torch.tensor(weights), net.parameters())
 
 
 class Runner:
@@ -120,7 +116,7 @@ class Runner:
 
         Returns (flat gradient, rewards of the episodes that ended, transitions used).
         """
-        load_flat_weights(self.net, weights)
+        TorchWeights(self.net).set_flat(weights)
         num_envs, length = len(self.envs), self.rollout_length
         observations = np.empty((length, num_envs, OBS_DIM), dtype=np.float32)
         actions = np.empty((length, num_envs), dtype=np.int64)
@@ -172,6 +168,8 @@ class Runner:
         loss = policy_loss + self.value_coef * value_loss - self.entropy_coef * entropy
         self.net.zero_grad()
         loss.backward()
+        # In get_flat's order: the net has no buffers, so its parameters come in
+        # state_dict order.
         gradient = torch.cat([p.grad.reshape(-1) for p in self.net.parameters()]).numpy()
         return gradient, finished, length * num_envs
 
@@ -182,7 +180,7 @@ class Learner:
     def __init__(self, args):
         torch.manual_seed(args.seed)
         self.weights = nn.Parameter(
-            nn.utils.parameters_to_vector(PolicyValueNet(args.hidden).parameters()).detach())
+            torch.from_numpy(TorchWeights(PolicyValueNet(args.hidden)).get_flat()))
         self.optimizer = torch.optim.Adam([self.weights], lr=args.lr)
         self.max_grad_norm = args.max_grad_norm
         self.episodes = []                      # every finished episode's reward, in arrival order
