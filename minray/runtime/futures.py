@@ -1,7 +1,8 @@
 """Futures for ObjectRefs: `ref.future()` and `await ref`.
 
 One daemon thread per process resolves every outstanding future, so a
-thousand coroutines awaiting refs cost one thread, not a thousand. It reads
+thousand coroutines awaiting refs cost one thread, not a thousand; it exits
+when none is left. It reads
 the node manager's messages like any waiting thread (see CoreClient), and
 after each batch resolves the futures whose objects have arrived.
 """
@@ -10,7 +11,7 @@ import threading
 
 from minray.exceptions import RaySystemError
 
-POLL_S = 1.0        # how often an idle resolver checks that the client is still open
+POLL_S = 1.0        # how often a waiting resolver checks that the client is still open
 
 
 class RefFutures:
@@ -53,6 +54,10 @@ class RefFutures:
                     with self.lock:
                         entries = self.waiting.pop(object_id, [])
                     self._resolve(object_id, entries)
+                with self.lock:
+                    if not self.waiting:          # nothing left: the next future() restarts us
+                        self.thread = None
+                        return
         except RaySystemError:
             pass
         self._fail_all()
@@ -60,7 +65,7 @@ class RefFutures:
     def _resolve(self, object_id, entries):
         try:
             value = self.client.value(object_id)
-        except BaseException as exc:              # the task's error goes to the awaiter
+        except Exception as exc:                  # the task's error goes to the awaiter
             for _, fut in entries:
                 fut.set_exception(exc)
             return
