@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from minray_driver import run_example
+from minray_driver import EXAMPLES, run_driver, run_example
 
 
 def test_lbfgs_over_actor_shards_matches_serial_and_loss_falls():
@@ -45,7 +45,6 @@ def test_parameter_server_sync_and_async_learn():
 
     # The comparison can fail: serial weights nudged by 1e-3 in the driver make it exit 1
     # (with one shard, the path where each gradient is a single ObjectRef).
-    from minray_driver import EXAMPLES, run_driver
     proc = run_driver("""
         import parameter_server as example
         original = example.run_serial
