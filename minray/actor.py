@@ -9,7 +9,7 @@ tasks and other actors; every copy calls the same actor.
 import hashlib
 import inspect
 
-import cloudpickle
+from minray.serialization.code import dumps_code
 
 from minray.exceptions import SerializationError
 from minray.remote_function import (
@@ -115,7 +115,7 @@ class ActorClass:
         client = api.ensure_initialized()
         if self._pickled is None:
             try:
-                self._pickled = cloudpickle.dumps(self._cls)
+                self._pickled = dumps_code(self._cls)
             except Exception as exc:
                 raise SerializationError(
                     f"actor class {self._name} cannot be pickled: {exc}") from None

@@ -1,7 +1,7 @@
 """@minray.remote on a function: RemoteFunction and its options."""
 import hashlib
 
-import cloudpickle
+from minray.serialization.code import dumps_code
 
 from minray.exceptions import SerializationError
 from minray.runtime import core
@@ -125,7 +125,7 @@ class RemoteFunction:
     def _export(self, client):
         if self._pickled is None:
             try:
-                self._pickled = cloudpickle.dumps(self._function)
+                self._pickled = dumps_code(self._function)
             except Exception as exc:
                 raise SerializationError(
                     f"remote function {self._name} cannot be pickled: {exc}") from None

@@ -4,7 +4,7 @@ import threading
 import types
 from pickle import PickleBuffer
 
-import cloudpickle
+from .code import CodePickler
 
 from .custom import _USE_PICKLE, _custom_serializers, _reducers
 from .layout import _PROTOCOL, _as_byte_view
@@ -143,8 +143,8 @@ def _choose_reducer(t):
     return None
 
 
-class _Pickler(cloudpickle.Pickler):
-    """cloudpickle's Pickler, with out-of-band buffers and minray's reducers.
+class _Pickler(CodePickler):
+    """cloudpickle's Pickler (code keeps its file names), with out-of-band buffers and minray's reducers.
 
     Each thread reuses one instance, because building a Pickler costs more
     than pickling a small value with it.
