@@ -8,15 +8,15 @@ removed with them.
 """
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
-
 
 from minray.exceptions import RaySystemError
 from minray.object_store import default_capacity
-from minray.session import SESSION_ROOT, create_session_dir, node_socket_path
+from minray.session import (
+    LOGS_DIR, SESSION_ROOT, create_session_dir, node_socket_path, retire_session_dir,
+)
+from minray.spawn import log_tail, python_argv, startup_env
 
 START_TIMEOUT_S = 30.0
 LATEST_LINK = os.path.join(SESSION_ROOT, "session_latest")
@@ -62,27 +62,36 @@ class LocalCluster:
     def start(self):
         self.session_dir = create_session_dir()
         _point_latest(self.session_dir)
-        logs = os.path.join(self.session_dir, "logs")
+        logs = os.path.join(self.session_dir, LOGS_DIR)
         os.makedirs(logs, mode=0o700, exist_ok=True)
+        log_path = os.path.join(logs, "node_manager.log")
         ready = os.path.join(self.session_dir, "node_manager.ready")
-        cmd = [sys.executable, "-m", "minray.node_manager", "--head", "--embedded",
-               "--session-dir", self.session_dir, "--resources", json.dumps(self.resources),
-               "--object-store-memory", str(self.object_store_memory),
-               "--num-gcs-shards", str(self.num_gcs_shards), "--parent-pid", str(os.getpid()),
-               "--ready-file", ready, "--num-workers", str(max(1, int(self.resources["CPU"])))]
+        cmd = python_argv(
+            "minray.node_manager.__main__:main", "--head", "--embedded",
+            "--session-dir", self.session_dir, "--resources", json.dumps(self.resources),
+            "--object-store-memory", self.object_store_memory,
+            "--num-gcs-shards", self.num_gcs_shards, "--parent-pid", os.getpid(),
+            "--ready-file", ready, "--num-workers", max(1, int(self.resources["CPU"])))
         if not self.log_to_driver:
             cmd.append("--no-log-to-driver")
         # Its own session: Ctrl-C in the driver's terminal interrupts the
         # driver (KeyboardInterrupt) but must not kill the cluster under it.
         # If the driver dies of it, the node manager sees its parent gone.
-        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
+                                        env=startup_env(log_path))
         deadline = time.monotonic() + START_TIMEOUT_S
         while not os.path.exists(ready):
-            if self.process.poll() is not None or time.monotonic() > deadline:
+            exited = self.process.poll() is not None
+            if exited or time.monotonic() > deadline:
+                if not exited:
+                    _kill_tree(self.process.pid)
                 self.stop()
+                why = (f"its node manager exited with code {self.process.returncode}" if exited
+                       else f"its node manager was not ready within {START_TIMEOUT_S:.0f} s")
+                tail = log_tail(log_path)
                 raise RaySystemError(
-                    "the local minray cluster failed to start; its logs were in "
-                    f"{logs} (node manager exit code {self.process.returncode})")
+                    f"the local minray cluster failed to start: {why}. The logs are in {logs}"
+                    + (f"; the last lines of {log_path}:\n{tail}" if tail else ""))
             time.sleep(0.002)
         with open(ready) as f:
             self.socket_path = f.read().strip()
@@ -95,7 +104,7 @@ class LocalCluster:
                 _kill_tree(self.process.pid)
                 self.process.wait()
         if self.session_dir:
-            shutil.rmtree(self.session_dir, ignore_errors=True)
+            retire_session_dir(self.session_dir)
             _remove_arenas(self.session_dir)
 
 

@@ -12,6 +12,10 @@ import time
 # Not "/tmp/minray": run from /tmp, that directory would shadow the package.
 SESSION_ROOT = os.environ.get("MINRAY_SESSION_ROOT", "/tmp/minray-sessions")
 TOKEN_FILE = "token"
+LOGS_DIR = "logs"
+# Sessions whose logs are kept, the new one included; older finished ones
+# are removed when a new session starts.
+KEEP_FINISHED_SESSIONS = 10
 
 
 def new_session_id():
@@ -22,10 +26,45 @@ def create_session_dir(session_id=None, root=None):
     """Create a fresh session directory with its token; return its path."""
     root = root or SESSION_ROOT
     os.makedirs(root, mode=0o700, exist_ok=True)
+    prune_finished_sessions(root, keep=KEEP_FINISHED_SESSIONS - 1)
     path = os.path.join(root, f"session-{session_id or new_session_id()}")
     os.makedirs(path, mode=0o700)
     write_token(path, secrets.token_bytes(32))
     return path
+
+
+def retire_session_dir(session_dir):
+    """A session has ended: remove everything but its logs, which stay for
+    the user to read (the token goes too, which marks the session finished)."""
+    import shutil
+    try:
+        names = os.listdir(session_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name == LOGS_DIR:
+            continue
+        path = os.path.join(session_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def prune_finished_sessions(root, keep=KEEP_FINISHED_SESSIONS):
+    """Remove finished sessions (no token left) beyond the newest `keep`."""
+    import shutil
+    try:
+        names = sorted(n for n in os.listdir(root) if n.startswith("session-"))
+    except FileNotFoundError:
+        return
+    finished = [n for n in names if os.path.isdir(os.path.join(root, n))
+                and not os.path.exists(os.path.join(root, n, TOKEN_FILE))]
+    for name in finished[:max(0, len(finished) - keep)]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def write_token(session_dir, token):

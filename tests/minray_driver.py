@@ -13,6 +13,11 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def session_retired(session_dir):
+    """A finished session keeps its logs and nothing else (no token, sockets, LMDB)."""
+    return os.path.isdir(session_dir) and os.listdir(session_dir) == ["logs"]
+
+
 def run_driver(code, timeout=60, env=None, check=True):
     """Run `code` (dedented) as a driver script; return the CompletedProcess.
 

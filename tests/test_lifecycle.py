@@ -1,6 +1,6 @@
 """Starting, joining and stopping clusters: init twice, joining a cluster
 another driver started, and that nothing is left behind (processes, the
-/dev/shm arena, the session directory) after shutdown(), interpreter exit,
+/dev/shm arena, the session directory but its logs) after shutdown(), interpreter exit,
 or a driver killed with SIGKILL.
 
 Every test runs its drivers in fresh processes, with MINRAY_SESSION_ROOT
@@ -18,7 +18,7 @@ import tempfile
 import psutil
 import pytest
 
-from minray_driver import poll, run_driver, start_driver
+from minray_driver import poll, run_driver, session_retired, start_driver
 
 # Prints, as one JSON line: the session dir, the arena files and every
 # process of the cluster (all descendants of this driver).
@@ -61,8 +61,8 @@ def _assert_nothing_left(report, timeout=20.0):
          what=f"cluster processes {report['pids']} to exit")
     poll(lambda: not any(os.path.exists(f) for f in report["shm"]), timeout,
          what=f"arena files {report['shm']} to be removed")
-    poll(lambda: not os.path.exists(report["session_dir"]), timeout,
-         what=f"session dir {report['session_dir']} to be removed")
+    poll(lambda: session_retired(report["session_dir"]), timeout,
+         what=f"session dir {report['session_dir']} to be emptied but for its logs")
 
 
 def test_shutdown_leaves_nothing_behind(session_root):
@@ -84,7 +84,7 @@ assert not minray.is_initialized()
 # shutdown() returns after the cluster is gone: nothing of it is left now.
 left = [p for p in psutil.Process().children(recursive=True)]
 assert not left, left
-assert not os.path.exists(report["session_dir"]), report["session_dir"]
+assert os.listdir(report["session_dir"]) == ["logs"], report["session_dir"]
 assert not any(os.path.exists(f) for f in report["shm"]), report["shm"]
 print("CLEAN")
 """, env=session_root)
@@ -298,7 +298,7 @@ except RaySystemError as exc:
     assert time.monotonic() - started < 20
     print("LOST", exc)
 minray.shutdown()
-assert not os.path.exists(report["session_dir"])
+assert os.listdir(report["session_dir"]) == ["logs"], report["session_dir"]
 assert not any(os.path.exists(f) for f in report["shm"]), report["shm"]
 """, env=session_root)
     assert "LOST" in proc.stdout and "gone" in proc.stdout

@@ -3,12 +3,12 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 from minray.gcs.server import address_file, read_address
 from minray.gcs.storage import DEFAULT_MAP_BYTES, DEFAULT_MAX_MAP_BYTES
+from minray.spawn import python_argv
 
 log = logging.getLogger("minray.gcs")
 START_TIMEOUT_S = 30.0
@@ -92,16 +92,14 @@ class GcsProcesses:
                 os.unlink(address_file(self.session_dir, shard))
             except FileNotFoundError:
                 pass
-        # Not "-m minray.gcs.server": importing the minray.gcs package already
-        # imports that module, so runpy would run a second copy of it as __main__.
-        cmd = [sys.executable, "-c", "from minray.gcs.server import main; main()",
-               "--session-dir", self.session_dir,
-               "--shards", ",".join(map(str, shards)),
-               "--ports", ",".join(str(self.ports[s]) for s in shards),
-               "--host", self.host, "--map-bytes", str(self.map_bytes),
-               "--max-map-bytes", str(self.max_map_bytes)]
+        args = ["--session-dir", self.session_dir,
+                "--shards", ",".join(map(str, shards)),
+                "--ports", ",".join(str(self.ports[s]) for s in shards),
+                "--host", self.host, "--map-bytes", str(self.map_bytes),
+                "--max-map-bytes", str(self.max_map_bytes)]
         if self.watch_parent:
-            cmd += ["--parent-pid", str(os.getpid())]
+            args += ["--parent-pid", str(os.getpid())]
+        cmd = python_argv("minray.gcs.server:main", *args)
         log_path = os.path.join(self.session_dir, "logs", f"gcs-{index}.log")
         with open(log_path, "ab") as log_file:
             self.processes[index] = subprocess.Popen(

@@ -7,11 +7,10 @@ import argparse
 import json
 import logging
 import os
-import shutil
 
 from minray.gcs import GcsClient, GcsProcesses
 from minray.node_manager.server import run_node_manager
-from minray.session import read_token
+from minray.session import read_token, retire_session_dir
 
 LOG_FLUSH_DELAY_S = 0.05
 
@@ -69,7 +68,7 @@ def main(argv=None):
         if gcs_processes is not None:
             gcs_processes.stop()
         if args.embedded:
-            shutil.rmtree(args.session_dir, ignore_errors=True)
+            retire_session_dir(args.session_dir)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import logging
 import os
 import signal
 import time
-import traceback
 
 from minray import ids, wire
 from minray._core.scheduler import SchedulerQueues, Task
@@ -666,7 +665,7 @@ def run_node_manager(session_dir, node_id, resources, store_capacity, token, con
     try:
         asyncio.run(manager.run(ready_path, parent_pid, connect_gcs))
     except Exception:
-        traceback.print_exc()
+        log.exception("the node manager failed")
         manager.shutdown()
         raise
     return manager

@@ -3,9 +3,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
+
+from minray.spawn import python_argv
 
 START_TIMEOUT_S = 30.0
 
@@ -51,7 +52,7 @@ class WorkerPool:
     def _ensure_zygote(self):
         if self.zygote is None or self.zygote.poll() is not None:
             self.zygote = subprocess.Popen(
-                [sys.executable, "-m", "minray.worker.zygote"], stdin=subprocess.PIPE,
+                python_argv("minray.worker.zygote:main"), stdin=subprocess.PIPE,
                 stdout=None if self.inherit_output else subprocess.DEVNULL)
         return self.zygote
 

@@ -74,5 +74,9 @@ def _become_worker(request):
         os._exit(code)
 
 
-if __name__ == "__main__":
+def main():
     serve(sys.stdin)
+
+
+if __name__ == "__main__":
+    main()
