@@ -364,6 +364,19 @@ class NodeManager:
     def fail_call_with(self, task, meta, data):
         self.fail_task(task, meta, data)
 
+    def _tell_if_unheld(self, task, text):
+        """A failed task whose results nobody holds any more: its owner prints
+        the error (otherwise `get` raises it, or the owner prints it when it
+        drops the last ref without getting it: each error is shown once)."""
+        owner = task.owner
+        if owner is None or owner.closed:
+            return
+        for index in range(1, task.spec[5] + 1):
+            entry = self.objects.get(ids.return_object_id(task.task_id, index))
+            if entry is not None and not entry.owner_released:
+                return
+        owner.send(("error", f"unhandled error: {text}"))
+
     def report_error_text(self, name, task_id, text):
         for driver in self.drivers:
             driver.send(("error", text))
@@ -379,8 +392,7 @@ class NodeManager:
         self._log_task(task, state)
 
     def report_error(self, task, text):
-        for driver in self.drivers:
-            driver.send(("error", text))
+        self._tell_if_unheld(task, text)
         self._log("errors", os.urandom(8), {
                 "type": "task", "function": task.spec[2], "task_id": task.task_id.hex(),
                 "message": text, "time": time.time(), "node": self.node_id.hex()})

@@ -22,6 +22,9 @@ from minray.object_store import SharedStore, write_serialized
 from minray.serialization import deserialize
 
 INLINE_MAX_BYTES = 100 * 1024      # values up to this size travel in messages
+# Owned refs dropped before their value arrived, remembered (bounded) so an
+# error that arrives for one of them is still reported as unhandled.
+DROPPED_PENDING_MAX = 10_000
 INLINE, IN_STORE, ERROR = "v", "s", "e"
 BOOKKEEPING_DELAY_S = 0.1          # longest a dropped ref waits to be reported
 
@@ -52,6 +55,8 @@ class CoreClient:
         self.objects = {}            # object id -> (kind, meta, payload)
         self.ref_counts = {}         # object id -> live ObjectRefs in this process
         self.owned = set()           # ids whose value is pushed to us unasked
+        self.errors_raised = set()   # error objects `get` has raised here
+        self.dropped_pending = collections.OrderedDict()   # see DROPPED_PENDING_MAX
         self.subscribed = set()
         self.pending_free = []
         self.pending_escape = []
@@ -212,6 +217,8 @@ class CoreClient:
             _, object_id, value_kind, meta, payload = message
             if object_id in self.ref_counts or object_id in self.subscribed:
                 self.objects[object_id] = (value_kind, meta, payload)
+            elif self.dropped_pending.pop(object_id, False) and value_kind == ERROR:
+                self._report_unhandled(meta, payload)
         elif kind == "tasks":
             if self.lending and self.actor_id is None:
                 # Sent before the node manager knew this worker had blocked:
@@ -250,11 +257,28 @@ class CoreClient:
             self.ref_counts[object_id] = count
             return
         self.ref_counts.pop(object_id, None)
-        self.objects.pop(object_id, None)
+        value = self.objects.pop(object_id, None)
         self.subscribed.discard(object_id)
-        if object_id in self.owned:
+        owned = object_id in self.owned
+        if owned:
             self.owned.discard(object_id)
             self.pending_free.append(object_id)
+            if value is None:
+                self.dropped_pending[object_id] = True
+                if len(self.dropped_pending) > DROPPED_PENDING_MAX:
+                    self.dropped_pending.popitem(last=False)
+        if (owned and value is not None and value[0] == ERROR
+                and object_id not in self.errors_raised):
+            self._report_unhandled(value[1], value[2])
+        self.errors_raised.discard(object_id)
+
+    def _report_unhandled(self, meta, payload):
+        """An error nobody raised with get: print it once, as Ray does."""
+        try:
+            error = deserialize(meta, payload)
+        except Exception as exc:        # never let reporting break the caller
+            error = f"(its error could not be read: {exc})"
+        print(f"minray: unhandled error: {error}", file=sys.stderr, flush=True)
 
     def escape(self, object_id):
         self.pending_escape.append(object_id)
@@ -404,6 +428,7 @@ class CoreClient:
                     "be recomputed yet") from None
             return deserialize(pinned.metadata, pinned)
         error = deserialize(meta, payload)
+        self.errors_raised.add(object_id)
         if isinstance(error, RayTaskError):
             raise error.as_instanceof_cause()
         raise error
@@ -412,6 +437,9 @@ class CoreClient:
         if self.closed:
             return
         self.closed = True
+        for object_id, (kind, meta, payload) in list(self.objects.items()):
+            if kind == ERROR and object_id in self.owned and object_id not in self.errors_raised:
+                self._report_unhandled(meta, payload)
         try:
             if self.pending_escape or self.pending_free:
                 with self.send_lock:

@@ -189,7 +189,7 @@ class Executor:
         return results
 
     def encode_error(self, name, return_ids, exc):
-        text = traceback.format_exc()
+        text = remote_traceback(exc)
         error = RayTaskError(name, text, exc, os.getpid())
         try:
             serialized = serialize(error)
@@ -200,6 +200,15 @@ class Executor:
         payload = serialized.to_bytes()
         summary = f"task {name} failed (pid={os.getpid()}):\n{text.rstrip()}"
         return summary, [(object_id, "e", serialized.metadata, payload) for object_id in return_ids]
+
+
+def remote_traceback(exc):
+    """The traceback of a task's exception from the user's code on: the
+    executor's own frame (which called the function) is left out."""
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 class ActorExit(BaseException):
