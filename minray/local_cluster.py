@@ -13,6 +13,7 @@ import time
 
 from minray.exceptions import RaySystemError
 from minray.object_store import default_capacity
+from minray.resources import check_amount
 from minray.session import (
     LOGS_DIR, SESSION_ROOT, create_session_dir, node_socket_path, retire_session_dir,
 )
@@ -23,10 +24,8 @@ LATEST_LINK = os.path.join(SESSION_ROOT, "session_latest")
 
 
 def _check_count(name, value):
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if value is not None:
+        check_amount(name, value)
 
 
 class LocalCluster:

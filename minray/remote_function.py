@@ -4,6 +4,7 @@ import hashlib
 from minray.serialization.code import dumps_code
 
 from minray.exceptions import SerializationError
+from minray.resources import check_amount
 from minray.runtime import core
 from minray.runtime.object_ref import ObjectRef
 from minray.serialization import serialize
@@ -31,16 +32,15 @@ def validate_resources(options):
     num_gpus = options.get("num_gpus", 0)
     custom = options.get("resources") or {}
     for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        check_amount(name, value)
     if not isinstance(custom, dict):
         raise ValueError(f"resources must be a dict of name -> amount, got {custom!r}")
     for name, value in custom.items():
         if name in ("CPU", "GPU"):
             raise ValueError(f"use num_cpus / num_gpus instead of resources={{'{name}': ...}}")
-        if not isinstance(name, str) or isinstance(value, bool) \
-                or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"resource {name!r} must map a name to a number >= 0, got {value!r}")
+        if not isinstance(name, str):
+            raise ValueError(f"resource names are strings, got {name!r}")
+        check_amount(f"resource {name!r}", value)
     if num_gpus and num_gpus != int(num_gpus) and num_gpus > 1:
         raise ValueError(f"num_gpus above 1 must be a whole number, got {num_gpus}")
     resources = {"CPU": float(num_cpus), "GPU": float(num_gpus)}

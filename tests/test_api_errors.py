@@ -301,3 +301,32 @@ def test_long_session_root_still_starts(tmp_path):
         minray.shutdown()
     """, timeout=90, env={"MINRAY_SESSION_ROOT": str(root)})
     assert "answer 3" in result.stdout
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_resource_amounts_are_refused_and_change_nothing(cluster, bad):
+    @minray.remote
+    def f():
+        return 1
+
+    @minray.remote
+    class Actor:
+        pass
+
+    for make in (lambda: f.options(num_cpus=bad), lambda: f.options(num_gpus=bad),
+                 lambda: f.options(resources={"custom": bad}),
+                 lambda: minray.remote(num_cpus=bad)(lambda: 1),
+                 lambda: Actor.options(num_cpus=bad)):
+        with pytest.raises(ValueError, match="finite number"):
+            make()
+    # Nothing reached the node: its CPU limit is what it was.
+    assert minray.cluster_resources()["CPU"] == 2.0
+    assert minray.get([f.remote() for _ in range(4)]) == [1] * 4
+
+
+def test_init_refuses_a_non_finite_cpu_count():
+    from minray.local_cluster import LocalCluster
+    with pytest.raises(ValueError, match="num_cpus must be a finite number"):
+        LocalCluster(num_cpus=float("nan"))
+    with pytest.raises(ValueError, match="resource 'x' must be a finite number"):
+        LocalCluster(num_cpus=1, resources={"x": float("inf")})

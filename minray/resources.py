@@ -1,0 +1,21 @@
+"""Checking resource amounts (num_cpus, num_gpus, custom resources)."""
+import math
+import numbers
+
+
+def check_amount(what, value):
+    """Raise ValueError unless value is a finite number >= 0.
+
+    NaN passes `value < 0` and would disable a node's limit for good, and an
+    infinite amount can never be released, so both are refused here.
+    """
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+
+
+def is_valid_request(resources):
+    """True if a resource dict (as it crossed a socket) is safe to schedule."""
+    return isinstance(resources, dict) and all(
+        isinstance(name, str) and type(amount) in (int, float)
+        and math.isfinite(amount) and amount >= 0 for name, amount in resources.items())
