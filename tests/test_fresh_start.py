@@ -90,3 +90,15 @@ def test_logs_are_kept_after_shutdown_and_old_sessions_pruned(session_root):
     kept = sorted(n for n in os.listdir(session_root) if n.startswith("session-"))
     assert len(kept) == KEEP_FINISHED_SESSIONS
     assert not os.path.exists(sessions[0])
+
+
+def test_import_minray_loads_nothing_heavy():
+    # paramiko is a declared dependency for the cluster tooling; nothing of
+    # it (or of numpy, Arrow, LMDB, psutil, asyncio) is paid for by `import minray`.
+    heavy = ["numpy", "pyarrow", "psutil", "paramiko", "lmdb", "asyncio", "torch"]
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, minray; "
+         f"print([m for m in {heavy!r} if m in sys.modules])"],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
