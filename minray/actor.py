@@ -121,7 +121,8 @@ class ActorClass:
                     f"actor class {self._name} cannot be pickled: {exc}") from None
             self._class_id = hashlib.blake2b(self._pickled, digest_size=16).digest()
         client.export_function(self._class_id, self._pickled, self._name)
-        entries, kwarg_names, keep_alive = encode_args(client, self._name, args, kwargs)
+        entries, kwarg_names, contained, keep_alive = encode_args(
+            client, self._name, args, kwargs)
         actor_id = client.next_task_id()
         resources = dict(options)
         resources.setdefault("num_cpus", 0)
@@ -129,7 +130,7 @@ class ActorClass:
             DEFAULT_ASYNC_CONCURRENCY if self._is_async else 1)
         spec = {
             "actor_id": actor_id, "class_id": self._class_id, "class_name": self._name,
-            "args": entries, "kwarg_names": kwarg_names,
+            "args": entries, "kwarg_names": kwarg_names, "contained": contained,
             "resources": validate_resources(resources),
             "max_restarts": options.get("max_restarts", 0),
             "max_concurrency": concurrency, "is_async": self._is_async,
@@ -213,11 +214,14 @@ class ActorMethod:
     def remote(self, *args, **kwargs):
         from minray import api
         client = api.ensure_initialized()
-        entries, kwarg_names, keep_alive = encode_args(client, self._name, args, kwargs)
+        entries, kwarg_names, contained, keep_alive = encode_args(
+            client, self._name, args, kwargs)
         task_id = client.next_task_id()
         return_ids = [task_id + i.to_bytes(4, "big") for i in range(1, self._num_returns + 1)]
+        client.own(return_ids)
         refs = returns_of(return_ids)
+        # The fields of minray.protocol.ActorCallSpec, as a plain tuple.
         client.call_actor((task_id, self._handle._actor_id, self._name, entries, kwarg_names,
-                           self._num_returns), return_ids)
+                           self._num_returns, contained))
         del keep_alive
         return refs

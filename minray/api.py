@@ -243,12 +243,13 @@ def put(value):
     """Store a value in the object store; returns its ObjectRef."""
     if isinstance(value, ObjectRef):
         raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself around")
-    from minray.serialization import serialize
+    from minray.runtime.object_ref import serialize_with_refs
     client = ensure_initialized()
-    serialized = serialize(value)
+    serialized, contained = serialize_with_refs(value)
     object_id = client.next_put_id()
+    client.own([object_id])
     ref = ObjectRef(object_id)
-    client.put_serialized(object_id, serialized)
+    client.put_serialized(object_id, serialized, contained)
     return ref
 
 

@@ -6,8 +6,7 @@ from minray.serialization.code import dumps_code
 from minray.exceptions import SerializationError
 from minray.resources import check_amount
 from minray.runtime import core
-from minray.runtime.object_ref import ObjectRef
-from minray.serialization import serialize
+from minray.runtime.object_ref import ObjectRef, serialize_with_refs
 
 TASK_OPTIONS = {
     "num_returns": "how many ObjectRefs .remote() returns (alias num_return_vals)",
@@ -66,28 +65,34 @@ def validate_task_options(options):
 
 
 def encode_args(client, function_name, args, kwargs):
-    """Task arguments: refs stay refs, small values inline, large ones put first."""
+    """Task arguments: refs stay refs, small values inline, large ones put first.
+
+    Returns (entries, kwarg names, ids of refs inside inline values, refs to
+    keep alive until the spec is sent).
+    """
     entries = []
+    contained = []
     keep_alive = []
     for position, value in enumerate(list(args) + list(kwargs.values())):
         if isinstance(value, ObjectRef):
             entries.append(("r", value.binary()))
             continue
         try:
-            serialized = serialize(value)
+            serialized, inner = serialize_with_refs(value)
         except SerializationError as exc:
             where = (f"argument {position}" if position < len(args)
                      else f"keyword argument {list(kwargs)[position - len(args)]!r}")
             raise SerializationError(f"{where} of {function_name}: {exc}") from None
         if serialized.total_size <= core.INLINE_MAX_BYTES:
             entries.append(("v", serialized.metadata, serialized.to_bytes()))
+            contained.extend(inner)
         else:
             object_id = client.next_put_id()
-            ref = ObjectRef(object_id)
-            client.put_serialized(object_id, serialized)
-            keep_alive.append(ref)
+            client.own([object_id])
+            keep_alive.append(ObjectRef(object_id))
+            client.put_serialized(object_id, serialized, inner)
             entries.append(("r", object_id))
-    return entries, tuple(kwargs), keep_alive
+    return entries, tuple(kwargs), contained, keep_alive
 
 
 def returns_of(return_ids):
@@ -137,14 +142,17 @@ class RemoteFunction:
         client = api.ensure_initialized()
         self._export(client)
         num_returns = options.get("num_returns", 1)
-        entries, kwarg_names, keep_alive = encode_args(client, self._name, args, kwargs)
+        entries, kwarg_names, contained, keep_alive = encode_args(
+            client, self._name, args, kwargs)
         task_id = client.next_task_id()
         return_ids = [task_id + (i).to_bytes(4, "big") for i in range(1, num_returns + 1)]
+        client.own(return_ids)
         refs = returns_of(return_ids)
+        # The fields of minray.protocol.TaskSpec, as a plain tuple.
         spec = (task_id, self._function_id, options.get("name", self._name), entries,
                 kwarg_names, num_returns, resources,
-                options.get("max_retries", DEFAULT_MAX_RETRIES))
-        client.submit(spec, return_ids)
+                options.get("max_retries", DEFAULT_MAX_RETRIES), contained)
+        client.submit(spec)
         del keep_alive
         return refs
 

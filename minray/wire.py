@@ -21,7 +21,8 @@ import pickle
 import socket
 import struct
 
-PROTOCOL_VERSION = 1
+from minray.protocol import PROTOCOL_VERSION
+
 HELLO_MAGIC = b"MRAY"
 NONCE_SIZE = 32
 DIGEST_SIZE = 32

@@ -10,9 +10,13 @@ running when it died, fail with RayActorError.
 import collections
 import logging
 
+from minray import ids
 from minray._core.scheduler import Task
 from minray.exceptions import RayActorError, TaskUnschedulableError
-from minray.node_manager.objects import ERROR
+from minray.node_manager.objects import error_object
+from minray.node_manager.tasks import MalformedSpec, check_args, parse_spec
+from minray.protocol import ERROR, ActorCallSpec
+from minray.resources import is_valid_request
 
 log = logging.getLogger("minray.node_manager")
 
@@ -39,17 +43,37 @@ class ActorState:
         return self.spec["resources"]
 
 
+def check_actor_spec(spec):
+    if not isinstance(spec, dict):
+        raise MalformedSpec("an actor spec is a dict")
+    if not is_valid_request(spec.get("resources")):
+        raise MalformedSpec(f"resources must map names to finite amounts >= 0, "
+                            f"got {spec.get('resources')!r}")
+    check_args(spec["args"], spec["contained"])
+
+
 class ActorManager:
-    def __init__(self, manager):
-        self.nm = manager
+    """Actors of this node. It reaches the rest of the node manager through
+    four collaborators: the dispatcher (workers, resources, code), the task
+    manager (holding arguments, failing calls), the object directory and the
+    lineage log."""
+
+    def __init__(self, dispatcher, tasks, objects, lineage):
+        self.dispatcher = dispatcher
+        self.tasks = tasks
+        self.objects = objects
+        self.lineage = lineage
         self.actors = {}
         self.names = {}
         self.unplaced = collections.deque()
         self.waiting_creation = {}        # object id -> [actor]
         self.waiting_calls = {}           # object id -> [(actor, task)]
+        dispatcher.place_actors = self.place
+        objects.ready_listeners.append(self.object_ready)
 
     # ------------------------------------------------------------ creation
     def on_create(self, conn, spec, request_id):
+        check_actor_spec(spec)
         name = spec["name"]
         if name is not None and name in self.names:
             conn.send(("info", request_id, f"an actor named {name!r} already exists; pick "
@@ -61,13 +85,15 @@ class ActorManager:
             self.names[name] = actor.actor_id
         if request_id:
             conn.send(("info", request_id, None))
-        self.nm._log("actors", actor.actor_id, self._record(actor))
+        self.lineage.actor(actor.actor_id, self._record(actor))
         # Arguments are held first: a dead actor releases them either way.
-        failed, missing = self.nm.claim_args(spec["args"], f"actor {spec['class_name']}")
-        if not self.nm.queues.feasible(actor.resources):
+        failed, missing = self.tasks.claim_args(spec["args"], spec["contained"],
+                                                f"actor {spec['class_name']}")
+        queues = self.dispatcher.queues
+        if not queues.feasible(actor.resources):
             self.die(actor, TaskUnschedulableError(
                 f"actor {spec['class_name']} asks for {actor.resources} but this cluster has "
-                f"{self.nm.queues.total_resources} in total: it can never be placed"))
+                f"{queues.total_resources} in total: it can never be placed"))
             return
         if failed is not None:
             self.die_with(actor, *failed)
@@ -77,36 +103,29 @@ class ActorManager:
             self.waiting_creation.setdefault(object_id, []).append(actor)
         if actor.missing == 0:
             self.unplaced.append(actor)
-            self.nm.schedule()
+            self.dispatcher.schedule()
 
     def place(self):
         """Give unplaced actors a dedicated worker (called from dispatch)."""
-        nm = self.nm
+        dispatcher = self.dispatcher
         while self.unplaced:
             actor = self.unplaced[0]
             if actor.state == DEAD:
                 self.unplaced.popleft()
                 continue
-            if not nm.queues.fits(actor.resources):
-                break
-            if not nm.idle:
-                nm._start_workers(for_actor=True)
+            worker = dispatcher.lease_dedicated(actor.resources)
+            if worker is None:
                 break
             self.unplaced.popleft()
-            worker = nm.idle.pop()
-            nm.queues.acquire(actor.resources)
             actor.held = actor.resources
-            gpus = int(actor.resources.get("GPU", 0))
-            if gpus:
-                worker.gpu_ids, nm.free_gpus = nm.free_gpus[:gpus], nm.free_gpus[gpus:]
             worker.actor = actor.actor_id
             actor.worker = worker
             spec = actor.spec
             worker.conn.send(("actor_init", actor.actor_id, spec["class_id"],
-                              nm.functions.get(spec["class_id"]), spec["class_name"],
-                              nm.resolve_args(spec["args"]), spec["kwarg_names"],
+                              dispatcher.functions.get(spec["class_id"]), spec["class_name"],
+                              dispatcher.resolve_args(spec["args"]), spec["kwarg_names"],
                               worker.gpu_ids, spec["max_concurrency"], spec["is_async"]))
-            nm.keep_task_workers()
+            dispatcher.keep_task_workers()
 
     def on_ready(self, conn, actor_id, meta, data, error_text):
         actor = self.actors.get(actor_id)
@@ -114,33 +133,36 @@ class ActorManager:
             return                       # (or from a worker killed since, see kill)
         if meta is not None:             # the constructor raised
             if error_text:
-                self.nm.report_error_text(actor.spec["class_name"], actor_id, error_text)
+                name = actor.spec["class_name"]
+                self.lineage.error("actor", name, actor_id, error_text)
+                if not actor.owner.closed:
+                    actor.owner.send(("error", f"actor {name} could not be created: "
+                                               f"{error_text}"))
             actor.restarts_left = 0
             self.die_with(actor, meta, data)
             return
         actor.state = ALIVE
-        self.nm._log("actors", actor_id, self._record(actor))
+        self.lineage.actor(actor_id, self._record(actor))
         self.pump(actor)
 
     # ------------------------------------------------------------ calls
-    def on_call(self, conn, spec):
-        task_id, actor_id, method, args, kwarg_names, num_returns = spec
-        nm = self.nm
-        for index in range(1, num_returns + 1):
-            nm.objects.expect(task_id + index.to_bytes(4, "big"), conn)
-        task = Task(task_id, spec, {}, 0, conn)
+    def on_call(self, conn, fields):
+        spec = parse_spec(ActorCallSpec, fields)
+        for index in range(1, spec.num_returns + 1):
+            self.objects.expect(ids.return_object_id(spec.task_id, index), conn)
+        task = Task(spec.task_id, spec, {}, 0, conn)
         task.extra = "call"
-        actor = self.actors.get(actor_id)
+        actor = self.actors.get(spec.actor_id)
         if actor is None:
-            nm.fail_call(task, RayActorError(
-                f"no actor {actor_id.hex()} on this node: it was never created here"))
+            self.tasks.fail_with(task, RayActorError(
+                f"no actor {spec.actor_id.hex()} on this node: it was never created here"))
             return
         if actor.state == DEAD:
-            nm.fail_call_with(task, *actor.death)
+            self.tasks.fail(task, *actor.death)
             return
-        failed, missing = nm.claim_args(args, method)
+        failed, missing = self.tasks.claim_args(spec.args, spec.contained, spec.method)
         if failed is not None:
-            nm.fail_call_with(task, *failed)
+            self.tasks.fail(task, *failed)
             return
         task.missing = len(missing)
         for object_id in missing:
@@ -160,9 +182,10 @@ class ActorManager:
                 continue
             task.worker = worker
             worker.queue.append(task)
-            task_id, _, method, args, kwarg_names, num_returns = task.spec
-            batch.append((task_id, None, None, method, self.nm.resolve_args(args), kwarg_names,
-                          num_returns, worker.gpu_ids))
+            spec = task.spec
+            batch.append((spec.task_id, None, None, spec.method,
+                          self.dispatcher.resolve_args(spec.args), spec.kwarg_names,
+                          spec.num_returns, worker.gpu_ids))
         if batch:
             worker.conn.send(("tasks", batch))
         self.maybe_retire(actor)
@@ -177,12 +200,12 @@ class ActorManager:
             actor.missing -= 1
             if actor.missing == 0:
                 self.unplaced.append(actor)
-                self.nm.schedule()
+                self.dispatcher.schedule()
         touched = []
         for actor, task in self.waiting_calls.pop(object_id, ()):
             task.missing -= 1
             if entry.kind == ERROR and task.extra != "failed":
-                self.nm.fail_call_with(task, entry.meta, entry.data)
+                self.tasks.fail(task, entry.meta, entry.data)
             touched.append(actor)
         for actor in dict.fromkeys(touched):
             self.pump(actor)
@@ -200,8 +223,8 @@ class ActorManager:
         self._unplace(actor)
         running, worker.queue = worker.queue, []
         for task in running:
-            self.nm.fail_call(task, RayActorError(
-                f"actor {actor.spec['class_name']} died while running {task.spec[2]}"))
+            self.tasks.fail_with(task, RayActorError(
+                f"actor {actor.spec['class_name']} died while running {task.spec.method}"))
         if actor.state == DEAD:
             return
         if actor.restarts_left != 0:
@@ -209,22 +232,18 @@ class ActorManager:
                 actor.restarts_left -= 1
             actor.state = RESTARTING
             log.warning("actor %s died; restarting it", actor.spec["class_name"])
-            self.nm._log("actors", actor.actor_id, self._record(actor))
+            self.lineage.actor(actor.actor_id, self._record(actor))
             self.unplaced.append(actor)
-            self.nm.schedule()
+            self.dispatcher.schedule()
         else:
             self.die(actor, RayActorError(
                 f"actor {actor.spec['class_name']} died: its process exited unexpectedly "
                 "(max_restarts exhausted)"))
 
     def _unplace(self, actor):
-        nm = self.nm
         if actor.held is not None:
-            nm.queues.release(actor.held)
+            self.dispatcher.return_dedicated(actor.worker, actor.held)
             actor.held = None
-        if actor.worker is not None:
-            nm.free_gpus.extend(actor.worker.gpu_ids)
-            actor.worker.gpu_ids = []
         actor.worker = None
         actor.state = PENDING if actor.state != DEAD else DEAD
 
@@ -239,10 +258,13 @@ class ActorManager:
         elif actor.worker is not None:
             # Its worker counts as dead now (and is killed), so the restart is
             # under way before any later call arrives: those wait for it.
-            self.nm.worker_died(actor.worker)
+            worker = actor.worker
+            worker.dead = True
+            self.dispatcher.pool.remove(worker.worker_id)
+            self.worker_died(worker)
+            self.dispatcher.schedule()
 
     def die(self, actor, exc):
-        from minray.node_manager.server import error_object
         self.die_with(actor, *error_object(exc))
 
     def die_with(self, actor, meta, data):
@@ -257,19 +279,17 @@ class ActorManager:
         if worker is not None and not worker.dead:
             running, worker.queue = worker.queue, []
             for task in running:
-                self.nm.fail_call_with(task, meta, data)
-            self.nm.pool.remove(worker.worker_id)
+                self.tasks.fail(task, meta, data)
+            self.dispatcher.pool.remove(worker.worker_id)
         while actor.calls:
             task = actor.calls.popleft()
             if task.extra != "failed":
-                self.nm.fail_call_with(task, meta, data)
+                self.tasks.fail(task, meta, data)
         name = actor.spec["name"]
         if name is not None and self.names.get(name) == actor.actor_id:
             del self.names[name]
-        for arg in actor.spec["args"]:
-            if arg[0] == "r":
-                self.nm.objects.drop_task_ref(arg[1])
-        self.nm._log("actors", actor.actor_id, self._record(actor))
+        self.tasks.release_args(actor.spec["args"], actor.spec["contained"])
+        self.lineage.actor(actor.actor_id, self._record(actor))
 
     def on_exit(self, worker):
         actor = self.actors.get(worker.actor)
@@ -318,5 +338,5 @@ class ActorManager:
     def _record(self, actor):
         spec = actor.spec
         return {"class_name": spec["class_name"], "state": actor.state, "name": spec["name"],
-                "node": self.nm.node_id.hex(), "detached": spec["detached"],
+                "node": self.lineage.node_hex, "detached": spec["detached"],
                 "restarts_left": actor.restarts_left}

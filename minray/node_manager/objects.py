@@ -1,24 +1,45 @@
-"""The node manager's table of objects: where each value is and who wants it.
+"""The node manager's directory of objects: where each value is, who holds a
+reference to it, and who waits for it.
 
-An object is either inline (small: its serialized bytes live here and travel
-in messages) or in the shared-memory store (large: the node manager holds a pin
-on this primary copy, so it is never evicted while referenced). Errors are
-inline objects of kind ERROR: a task that depends on one fails with it.
+An object is inline (small: its serialized bytes live here and travel in
+messages), in the shared-memory store (large: the node manager holds the pin
+on this primary copy, so it is never evicted while referenced), or an error
+(inline bytes of an exception: a task that depends on one fails with it).
 
-Lifetime: an object is freed when its owner (the process that submitted the
-task or put the value) has dropped every ObjectRef to it and no queued task
-still needs it as an argument. A ref that was serialized into another value
-"escapes": other processes may hold copies of it that we cannot count, so its
-object is kept (and pinned, if in the store) until the cluster shuts down.
+Lifetime, as in Ray's reference counting. An object lives while any of these
+holds it:
+- its owner (the process that submitted the task or put the value) has a ref;
+- a borrower (a process that was handed a ref inside a value and rebuilt it)
+  has a ref; borrowers say so with "borrow" before they can drop anything
+  that kept the object alive for them, so no gap opens between the two;
+- a queued or running task takes it as an argument, or carries a ref to it
+  inside an inline argument (task_refs);
+- a live object contains a ref to it (a list of refs that was put or
+  returned: containers);
+- a process waits for it (subscribers).
+A ref serialized outside minray's own serialization (a user pickling it into
+a file) "escapes": nobody can count such copies, so the object is kept until
+the cluster stops.
 """
-INLINE = "v"
-IN_STORE = "s"
-ERROR = "e"
+import logging
+
+from minray.exceptions import ObjectLostError
+from minray.protocol import ERROR, IN_STORE, INLINE, KIND_NAMES
+from minray.serialization import serialize
+
+log = logging.getLogger("minray.node_manager")
+
+
+def error_object(exc):
+    """Serialize an exception into (meta, bytes) of an ERROR object."""
+    ser = serialize(exc)
+    return ser.metadata, ser.to_bytes()
 
 
 class ObjectEntry:
     __slots__ = ("kind", "meta", "data", "size", "pin", "owner", "owner_released",
-                 "task_refs", "escaped", "subscribers", "ready")
+                 "task_refs", "borrowers", "contains", "containers", "escaped",
+                 "subscribers", "ready")
 
     def __init__(self, owner=None):
         self.kind = None
@@ -29,6 +50,9 @@ class ObjectEntry:
         self.owner = owner        # connection of the owning process
         self.owner_released = False
         self.task_refs = 0        # queued tasks that take it as an argument
+        self.borrowers = None     # connections that hold refs they were handed
+        self.contains = None      # ids of refs serialized inside this value
+        self.containers = 0       # live objects whose value contains a ref to it
         self.escaped = False
         self.subscribers = None   # connections waiting to hear it is ready
         self.ready = False
@@ -38,11 +62,23 @@ class ObjectEntry:
         payload = self.data if self.kind != IN_STORE else self.size
         return ("obj", object_id, self.kind, self.meta, payload)
 
+    @property
+    def held(self):
+        return (not self.owner_released or self.task_refs > 0 or self.containers > 0
+                or bool(self.borrowers) or bool(self.subscribers) or self.escaped)
 
-class ObjectTable:
+
+class ObjectDirectory:
+    """Object entries, their references, and telling processes they are ready.
+
+    `ready_listeners` are called as listener(object_id, entry) when an object
+    becomes ready (tasks and actor calls waiting on it).
+    """
+
     def __init__(self, store):
         self.store = store
         self.entries = {}
+        self.ready_listeners = []
 
     def __len__(self):
         return len(self.entries)
@@ -50,25 +86,41 @@ class ObjectTable:
     def get(self, object_id):
         return self.entries.get(object_id)
 
+    # ------------------------------------------------------------ values
     def expect(self, object_id, owner):
-        """Create the entry of an object that a submitted task will produce."""
+        """The entry of an object a submitted task will produce, owned by
+        `owner`. An id submitted again (a retried parent, a restarted actor
+        re-creating its children's ids) is taken over by the new submitter:
+        it gets the value, whether it is still coming or already here."""
         entry = self.entries.get(object_id)
         if entry is None:
             entry = self.entries[object_id] = ObjectEntry(owner)
+            return entry
+        if entry.owner is not owner:
+            entry.owner = owner
+            entry.owner_released = False
+            if entry.ready and not owner.closed:
+                owner.send(entry.message(object_id))
         return entry
 
-    def set_ready(self, object_id, kind, meta, payload, owner=None):
+    def set_ready(self, object_id, kind, meta, payload, owner=None, contained=()):
         """Record a value; return its entry (None if it was already freed)."""
         entry = self.entries.get(object_id)
         if entry is None:
             if owner is None:
                 return None            # result of a task whose owner gave up on it
             entry = self.entries[object_id] = ObjectEntry(owner)
+        elif owner is not None and entry.owner is not owner:
+            entry.owner = owner        # a put re-made by a retried task
+            entry.owner_released = False
+        if entry.ready:
+            self._release_contents(entry)     # a value made again replaces the old
         entry.kind = kind
         entry.meta = meta
         entry.ready = True
         if kind == IN_STORE:
             entry.size = payload
+            entry.data = None
             try:
                 entry.pin = self.store.get(object_id)
             except KeyError:
@@ -76,13 +128,66 @@ class ObjectTable:
         else:
             entry.data = payload
             entry.size = len(payload)
+            entry.pin = None
+        if contained:
+            entry.contains = list(contained)
+            for inner_id in contained:
+                inner = self.entries.get(inner_id)
+                if inner is not None:
+                    inner.containers += 1
         return entry
 
-    def release_owner(self, object_id):
+    def announce(self, object_id):
+        """Tell the owner and whoever waits that an object is ready."""
         entry = self.entries.get(object_id)
-        if entry is not None:
+        if entry is None:
+            return
+        message = None
+        if entry.owner is not None and not entry.owner_released and not entry.owner.closed:
+            message = entry.message(object_id)
+            entry.owner.send(message)
+        if entry.subscribers:
+            message = message or entry.message(object_id)
+            for conn in entry.subscribers:
+                if conn is not entry.owner:
+                    conn.send(message)
+            entry.subscribers = None
+        for listener in self.ready_listeners:
+            listener(object_id, entry)
+        self.maybe_free(object_id)
+
+    def subscribe(self, conn, object_id):
+        entry = self.entries.get(object_id)
+        if entry is None:
+            meta, data = error_object(ObjectLostError(
+                f"object {object_id.hex()} is not known to this node: it was freed "
+                "(all its references were dropped) or never existed"))
+            conn.send(("obj", object_id, ERROR, meta, data))
+        elif entry.ready:
+            conn.send(entry.message(object_id))
+        else:
+            if entry.subscribers is None:
+                entry.subscribers = set()
+            entry.subscribers.add(conn)
+
+    # ------------------------------------------------------------ references
+    def borrow(self, conn, object_id):
+        entry = self.entries.get(object_id)
+        if entry is not None and entry.owner is not conn:
+            if entry.borrowers is None:
+                entry.borrowers = set()
+            entry.borrowers.add(conn)
+
+    def release(self, conn, object_id):
+        """A process dropped its last ref: as the owner or as a borrower."""
+        entry = self.entries.get(object_id)
+        if entry is None:
+            return
+        if entry.owner is conn:
             entry.owner_released = True
-            self._maybe_free(object_id, entry)
+        elif entry.borrowers:
+            entry.borrowers.discard(conn)
+        self.maybe_free(object_id)
 
     def escape(self, object_id):
         entry = self.entries.get(object_id)
@@ -93,38 +198,57 @@ class ObjectTable:
         entry = self.entries.get(object_id)
         if entry is not None:
             entry.task_refs += 1
+        return entry
 
     def drop_task_ref(self, object_id):
         entry = self.entries.get(object_id)
         if entry is not None:
             entry.task_refs -= 1
-            self._maybe_free(object_id, entry)
+            self.maybe_free(object_id)
 
-    def _maybe_free(self, object_id, entry):
-        if not entry.owner_released or entry.task_refs > 0 or entry.subscribers:
-            return
-        if not entry.ready:
-            return                      # freed when its value arrives
-        if entry.escaped:
-            return      # copies of the ref may live anywhere: keep it until shutdown
-        del self.entries[object_id]
-        if entry.kind == IN_STORE:
-            entry.pin = None
-            try:
-                self.store.delete(object_id)
-            except KeyError:
-                pass
+    def maybe_free(self, object_id):
+        """Delete an object nobody holds; then whatever only it contained."""
+        pending = [object_id]
+        while pending:
+            object_id = pending.pop()
+            entry = self.entries.get(object_id)
+            if entry is None or not entry.ready or entry.held:
+                continue                    # (not ready: freed when its value arrives)
+            del self.entries[object_id]
+            if entry.kind == IN_STORE:
+                entry.pin = None
+                try:
+                    self.store.delete(object_id)
+                except KeyError:
+                    pass
+            pending.extend(self._release_contents(entry))
+
+    def _release_contents(self, entry):
+        inner_ids, entry.contains = entry.contains or (), None
+        for inner_id in inner_ids:
+            inner = self.entries.get(inner_id)
+            if inner is not None:
+                inner.containers -= 1
+        return inner_ids
 
     def forget_connection(self, conn):
-        """A process went away: it owns nothing and waits for nothing now."""
+        """A process went away: it owns, borrows and waits for nothing now."""
         for object_id, entry in list(self.entries.items()):
             if entry.subscribers and conn in entry.subscribers:
                 entry.subscribers.discard(conn)
-            if entry.owner is conn and not entry.owner_released:
+            if entry.borrowers and conn in entry.borrowers:
+                entry.borrowers.discard(conn)
+            if entry.owner is conn:
                 entry.owner_released = True
-                self._maybe_free(object_id, entry)
+            self.maybe_free(object_id)
 
+    # ------------------------------------------------------------ reporting
     def stats(self):
-        inline = sum(1 for e in self.entries.values() if e.kind in (INLINE, ERROR))
-        return {"objects": len(self.entries), "inline": inline,
-                "in_store": sum(1 for e in self.entries.values() if e.kind == IN_STORE)}
+        kinds = [e.kind for e in self.entries.values()]
+        return {"objects": len(kinds), "inline": sum(1 for k in kinds if k in (INLINE, ERROR)),
+                "in_store": kinds.count(IN_STORE)}
+
+    def rows(self, node_hex, limit=10000):
+        return [{"id": object_id.hex(), "kind": KIND_NAMES[entry.kind], "size": entry.size,
+                 "node": node_hex}
+                for object_id, entry in list(self.entries.items())[:limit]]

@@ -19,16 +19,20 @@ from minray.exceptions import (
     GetTimeoutError, ObjectLostError, ObjectNotFoundError, RaySystemError, RayTaskError,
 )
 from minray.object_store import SharedStore, write_serialized
+from minray.protocol import ERROR, IN_STORE, INLINE
 from minray.serialization import deserialize
 
 INLINE_MAX_BYTES = 100 * 1024      # values up to this size travel in messages
 # Owned refs dropped before their value arrived, remembered (bounded) so an
 # error that arrives for one of them is still reported as unhandled.
 DROPPED_PENDING_MAX = 10_000
-INLINE, IN_STORE, ERROR = "v", "s", "e"
 BOOKKEEPING_DELAY_S = 0.1          # longest a dropped ref waits to be reported
 
 _current = None                     # the CoreClient of this process
+
+
+class RequestFailed(str):
+    """The node manager's reason for failing a request (a "failed" reply)."""
 
 
 def current():
@@ -55,6 +59,8 @@ class CoreClient:
         self.objects = {}            # object id -> (kind, meta, payload)
         self.ref_counts = {}         # object id -> live ObjectRefs in this process
         self.owned = set()           # ids whose value is pushed to us unasked
+        self.borrowed = set()        # ids of refs we were handed (not ours)
+        self.pending_borrow = []
         self.errors_raised = set()   # error objects `get` has raised here
         self.dropped_pending = collections.OrderedDict()   # see DROPPED_PENDING_MAX
         self.subscribed = set()
@@ -139,15 +145,19 @@ class CoreClient:
                 self.cond.notify_all()
 
     def _has_bookkeeping(self):
-        return bool(self.pending_free or self.pending_escape or self.pending_actor_release
-                    or self.pending_actor_escape)
+        return bool(self.pending_free or self.pending_escape or self.pending_borrow
+                    or self.pending_actor_release or self.pending_actor_escape)
 
     def _bookkeeping_frames(self):
-        # Escapes go before frees so a ref that was serialized is never freed.
+        # Escapes and borrows go before frees: a ref we now hold is counted
+        # before anything that kept its object alive for us is let go.
         frames = []
         if self.pending_escape:
             escaped, self.pending_escape = self.pending_escape, []
             frames.append(wire.encode(("escape", escaped)))
+        if self.pending_borrow:
+            borrowed, self.pending_borrow = self.pending_borrow, []
+            frames.append(wire.encode(("borrow", borrowed)))
         if self.pending_free:
             freed, self.pending_free = self.pending_free, []
             frames.append(wire.encode(("free", freed)))
@@ -237,19 +247,36 @@ class CoreClient:
                     sys.path.append(path)
         elif kind == "info":
             self.replies[message[1]] = message[2]
+        elif kind == "failed":
+            self.replies[message[1]] = RequestFailed(message[2])
         elif kind == "welcome":
             self.welcome = message[1]
 
     def request_info(self, what, timeout=30.0):
         request_id = next(self.request_ids)
         self.send(("info", request_id, what))
+        return self._reply(request_id, timeout)
+
+    def _reply(self, request_id, timeout):
         if not self.wait_until(lambda: request_id in self.replies, timeout):
             raise RaySystemError(f"the node manager did not answer within {timeout} s")
-        return self.replies.pop(request_id)
+        reply = self.replies.pop(request_id)
+        if isinstance(reply, RequestFailed):
+            raise RaySystemError(f"the node manager could not handle the request: {reply}")
+        return reply
 
     # ------------------------------------------------------------ references
+    def own(self, object_ids):
+        """Mark ids as this process's own, before their ObjectRefs are made."""
+        self.owned.update(object_ids)
+
     def add_ref(self, object_id):
-        self.ref_counts[object_id] = self.ref_counts.get(object_id, 0) + 1
+        count = self.ref_counts.get(object_id, 0)
+        self.ref_counts[object_id] = count + 1
+        if count == 0 and object_id not in self.owned and object_id not in self.borrowed:
+            # A ref we were handed (inside a value): hold its object for us.
+            self.borrowed.add(object_id)
+            self.pending_borrow.append(object_id)
 
     def remove_ref(self, object_id):
         count = self.ref_counts.get(object_id, 0) - 1
@@ -262,6 +289,9 @@ class CoreClient:
         owned = object_id in self.owned
         if owned:
             self.owned.discard(object_id)
+            self.pending_free.append(object_id)
+        elif object_id in self.borrowed:
+            self.borrowed.discard(object_id)
             self.pending_free.append(object_id)
             if value is None:
                 self.dropped_pending[object_id] = True
@@ -296,8 +326,7 @@ class CoreClient:
             self.send(("fn", function_id, pickled, name))
             self.exported.add(function_id)
 
-    def submit(self, spec, return_ids):
-        self.owned.update(return_ids)
+    def submit(self, spec):
         self.send(("submit", spec))
 
     # ------------------------------------------------------------ actors
@@ -308,14 +337,11 @@ class CoreClient:
             return
         request_id = next(self.request_ids)
         self.send(("actor_create", spec, request_id))
-        if not self.wait_until(lambda: request_id in self.replies, 30.0):
-            raise RaySystemError("the node manager did not answer within 30 s")
-        error = self.replies.pop(request_id)
+        error = self._reply(request_id, 30.0)
         if error:
             raise ValueError(error)
 
-    def call_actor(self, spec, return_ids):
-        self.owned.update(return_ids)
+    def call_actor(self, spec):
         self.send(("actor_call", spec))
 
     def add_actor_handle(self, actor_id):
@@ -333,19 +359,18 @@ class CoreClient:
         self.pending_actor_escape.append(actor_id)
 
     # ------------------------------------------------------------ objects
-    def put_serialized(self, object_id, serialized):
-        """Store a serialized value under a new id owned by this process."""
+    def put_serialized(self, object_id, serialized, contained):
+        """Store a serialized value under an id this process owns (see own());
+        `contained`: ids of the refs serialized inside it."""
         meta = serialized.metadata
         if serialized.total_size <= INLINE_MAX_BYTES:
             payload = serialized.to_bytes()
             self.objects[object_id] = (INLINE, meta, payload)
-            self.owned.add(object_id)
-            self.send(("put", object_id, INLINE, meta, payload))
+            self.send(("put", object_id, INLINE, meta, payload, contained))
             return
         write_serialized(self.store, object_id, serialized)
         self.objects[object_id] = (IN_STORE, meta, serialized.total_size)
-        self.owned.add(object_id)
-        self.send(("put", object_id, IN_STORE, meta, serialized.total_size))
+        self.send(("put", object_id, IN_STORE, meta, serialized.total_size, contained))
 
     def next_put_id(self):
         if self.concurrent:

@@ -1,5 +1,24 @@
 """ObjectRef: a future naming an object that exists now or will."""
+import threading
+
 from minray.runtime import core
+from minray.serialization import serialize
+
+# While minray serializes a value, the ids of the refs inside it are
+# collected here: the node manager keeps those objects alive as long as the
+# value that contains them (see minray.node_manager.objects).
+_collecting = threading.local()
+
+
+def serialize_with_refs(value):
+    """serialize(value), and the ids of the ObjectRefs found inside it."""
+    outer = getattr(_collecting, "ids", None)
+    _collecting.ids = found = []
+    try:
+        serialized = serialize(value)
+    finally:
+        _collecting.ids = outer
+    return serialized, found
 
 
 class ObjectRef:
@@ -48,7 +67,11 @@ class ObjectRef:
         return f"ObjectRef({self._id.hex()})"
 
     def __reduce__(self):
-        # A ref inside a serialized value may outlive our own refs to it.
-        if self._client is not None:
+        found = getattr(_collecting, "ids", None)
+        if found is not None:
+            found.append(self._id)        # minray counts the value as a holder
+        elif self._client is not None:
+            # Pickled by other means (into a file, another framework): copies
+            # nobody can count, so the object is kept until the cluster stops.
             self._client.escape(self._id)
         return ObjectRef, (self._id,)

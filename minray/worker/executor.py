@@ -11,7 +11,9 @@ import cloudpickle
 from minray import ids
 from minray.exceptions import RayTaskError, SerializationError
 from minray.object_store import write_serialized
+from minray.protocol import ERROR, IN_STORE, INLINE
 from minray.runtime import core
+from minray.runtime.object_ref import serialize_with_refs
 from minray.serialization import deserialize, serialize
 
 RESULT_BATCH = 32                 # results sent together when tasks are short ...
@@ -60,6 +62,7 @@ class Executor:
         self.functions = {}
         self.gpu_ids = []
         self.done = []
+        self.unsent_values = []           # returned values whose results are not sent yet
         self.last_send = time.monotonic()
 
     def loop(self):
@@ -77,6 +80,10 @@ class Executor:
         if self.done:
             items, self.done = self.done, []
             self.client.send(("done", items))
+            # Only now may the returned values (and refs inside them) go: a
+            # ref dropped earlier would be released before the result that
+            # contains it was recorded.
+            self.unsent_values.clear()
             self.last_send = time.monotonic()
 
     def run(self, dispatch):
@@ -85,10 +92,13 @@ class Executor:
         elif dispatch[1] is None and self.concurrency is not None:
             self.concurrency.submit(dispatch)        # threaded or async actor
         else:
-            self.done.append(self.execute(dispatch))
+            item, value = self.execute(dispatch)
+            self.done.append(item)
+            self.unsent_values.append(value)
 
     def execute(self, dispatch):
-        """Run one task or actor call; return its ("done", ...) item."""
+        """Run one task or actor call; return its ("done", ...) item and the
+        returned value, which the caller keeps until the item is sent."""
         task_id, function_id, pickled, name, args, kwarg_names, num_returns, gpu_ids = dispatch
         client = self.client
         return_ids = [ids.return_object_id(task_id, i) for i in range(1, num_returns + 1)]
@@ -98,7 +108,7 @@ class Executor:
             client.put_index = 0
         self.set_gpus(gpu_ids)
         started = time.perf_counter()
-        error_text = None
+        error_text = result = None
         client.executing = True
         try:
             function = self.resolve_function(function_id, pickled, name)
@@ -112,7 +122,7 @@ class Executor:
             error_text, results = self.encode_error(name, return_ids, exc)
         finally:
             client.executing = self.concurrency is not None
-        return (task_id, results, time.perf_counter() - started, error_text)
+        return (task_id, results, time.perf_counter() - started, error_text), result
 
     def resolve_function(self, function_id, pickled, name):
         if function_id is None:                      # a method of our actor
@@ -178,14 +188,16 @@ class Executor:
                     f"{type(result).__name__}"
                     + (f" of length {len(result)}" if hasattr(result, "__len__") else ""))
             values = list(result)
-        results = []
+        results = []       # minray.protocol.ResultObject fields, as plain tuples
         for object_id, value in zip(return_ids, values):
-            serialized = serialize(value)
+            serialized, contained = serialize_with_refs(value)
             if serialized.total_size <= core.INLINE_MAX_BYTES:
-                results.append((object_id, "v", serialized.metadata, serialized.to_bytes()))
+                results.append((object_id, INLINE, serialized.metadata, serialized.to_bytes(),
+                                contained))
             else:
                 write_serialized(self.client.store, object_id, serialized)
-                results.append((object_id, "s", serialized.metadata, serialized.total_size))
+                results.append((object_id, IN_STORE, serialized.metadata,
+                                serialized.total_size, contained))
         return results
 
     def encode_error(self, name, return_ids, exc):
@@ -199,7 +211,8 @@ class Executor:
             serialized = serialize(error)
         payload = serialized.to_bytes()
         summary = f"task {name} failed (pid={os.getpid()}):\n{text.rstrip()}"
-        return summary, [(object_id, "e", serialized.metadata, payload) for object_id in return_ids]
+        return summary, [(object_id, ERROR, serialized.metadata, payload, [])
+                         for object_id in return_ids]
 
 
 def remote_traceback(exc):
@@ -243,12 +256,15 @@ class ConcurrentCalls:
             self.pool.submit(self._run_threaded, dispatch)
 
     def _run_threaded(self, dispatch):
-        self.executor.client.send(("done", [self.executor.execute(dispatch)]))
+        item, value = self.executor.execute(dispatch)
+        self.executor.client.send(("done", [item]))
+        del value                       # after the send: see Executor.flush
 
     async def _run_async(self, dispatch):
         async with self.limit:
-            item = await self._execute_async(dispatch)
+            item, value = await self._execute_async(dispatch)
             self.executor.client.send(("done", [item]))
+            del value                   # after the send: see Executor.flush
 
     async def _execute_async(self, dispatch):
         # Run the method on the loop; if it is a coroutine, await it here so
@@ -257,7 +273,7 @@ class ConcurrentCalls:
         executor = self.executor
         return_ids = [ids.return_object_id(task_id, i) for i in range(1, num_returns + 1)]
         started = time.perf_counter()
-        error_text = None
+        error_text = result = None
         try:
             function = executor.resolve_function(function_id, pickled, name)
             values = [executor.argument(a) for a in args]
@@ -270,7 +286,7 @@ class ConcurrentCalls:
             executor.exit_actor()
         except Exception as exc:
             error_text, results = executor.encode_error(name, return_ids, exc)
-        return (task_id, results, time.perf_counter() - started, error_text)
+        return (task_id, results, time.perf_counter() - started, error_text), result
 
 
 def run_worker(socket_path, session_dir, store_name, node_id, worker_id):

@@ -1,0 +1,243 @@
+"""A task's life in the node manager: submitted, waiting for its arguments,
+dispatched, finished or failed, retried when its worker dies.
+
+Each handler validates a message completely before it changes any state, so
+a malformed submission is refused whole (its results become errors) instead
+of leaving a task half-registered.
+"""
+import logging
+
+from minray import ids
+from minray._core.scheduler import Task
+from minray.exceptions import ObjectLostError, TaskUnschedulableError, WorkerCrashedError
+from minray.node_manager.dispatch import pop_from_worker
+from minray.node_manager.objects import error_object
+from minray.protocol import ERROR, IN_STORE, ActorCallSpec, TaskSpec
+from minray.resources import is_valid_request
+
+log = logging.getLogger("minray.node_manager")
+
+UNLIMITED_RETRIES = 1 << 30      # max_retries=-1
+
+
+class MalformedSpec(ValueError):
+    """A submitted spec that does not describe a task."""
+
+
+def parse_spec(spec_type, fields):
+    """A TaskSpec or ActorCallSpec from a message's fields, checked."""
+    try:
+        spec = spec_type(*fields)
+    except TypeError:
+        raise MalformedSpec(f"a {spec_type.__name__} has {len(spec_type._fields)} fields, "
+                            f"got {len(fields)}") from None
+    if not isinstance(spec.task_id, bytes) or len(spec.task_id) != ids.TASK_ID_SIZE:
+        raise MalformedSpec("a task id is 16 bytes")
+    if isinstance(spec.num_returns, bool) or not isinstance(spec.num_returns, int) \
+            or not 0 <= spec.num_returns < 1 << 20:
+        raise MalformedSpec(f"num_returns must be a small int, got {spec.num_returns!r}")
+    check_args(spec.args, spec.contained)
+    return spec
+
+
+def parse_task_spec(fields):
+    spec = parse_spec(TaskSpec, fields)
+    if not is_valid_request(spec.resources):
+        raise MalformedSpec(f"resources must map names to finite amounts >= 0, "
+                            f"got {spec.resources!r}")
+    return spec
+
+
+def check_args(args, contained):
+    for arg in args:
+        if not (isinstance(arg, tuple) and (
+                (len(arg) == 2 and arg[0] == "r" and isinstance(arg[1], bytes))
+                or (len(arg) == 3 and arg[0] == "v"))):
+            raise MalformedSpec(f"an argument is ('r', id) or ('v', meta, bytes), got {arg!r:.80}")
+    if not isinstance(contained, list) or not all(isinstance(c, bytes) for c in contained):
+        raise MalformedSpec("contained must be a list of object ids")
+
+
+def spec_name(spec):
+    """What to call a task or actor call in messages."""
+    return spec.method if isinstance(spec, ActorCallSpec) else spec.name
+
+
+def held_ids(args, contained):
+    """The objects a task holds while it is queued or running."""
+    return [arg[1] for arg in args if arg[0] == "r"] + list(contained)
+
+
+class TaskManager:
+    def __init__(self, dispatcher, objects, lineage):
+        self.dispatcher = dispatcher
+        self.queues = dispatcher.queues
+        self.objects = objects
+        self.lineage = lineage
+        self.tasks = {}              # task id -> Task, queued or running
+        objects.ready_listeners.append(self.object_ready)
+
+    # ------------------------------------------------------------ submission
+    def submit(self, conn, fields):
+        spec = parse_task_spec(fields)
+        return_ids = [ids.return_object_id(spec.task_id, i) for i in range(1, spec.num_returns + 1)]
+        existing = self.tasks.get(spec.task_id)
+        finished = bool(return_ids) and all(
+            (entry := self.objects.get(object_id)) is not None and entry.ready
+            for object_id in return_ids)
+        for object_id in return_ids:
+            self.objects.expect(object_id, conn)
+        if existing is not None or finished:
+            # Submitted again (its first submitter died and was retried, and
+            # ids are deterministic): the new submitter takes over the run
+            # under way, or the results already made.
+            if existing is not None:
+                existing.owner = conn
+            return
+        retries = UNLIMITED_RETRIES if spec.max_retries == -1 else spec.max_retries
+        task = Task(spec.task_id, spec, spec.resources, retries, conn)
+        self.tasks[spec.task_id] = task
+        failed, missing = self.claim_args(spec.args, spec.contained, f"task {spec.name}")
+        if not self.queues.feasible(spec.resources):
+            self.fail(task, *error_object(TaskUnschedulableError(
+                f"task {spec.name} asks for {spec.resources} but this cluster has "
+                f"{self.queues.total_resources} in total: no node can ever run it; "
+                "lower the request or add a node with those resources")))
+            return
+        if failed is not None:
+            self.fail(task, *failed)
+            return
+        self.queues.add(task, missing)
+        if not missing:
+            self.dispatcher.schedule()
+
+    def refuse(self, conn, fields, reason):
+        """A submission that could not be handled: its results become errors,
+        so whoever waits for them gets a clear error instead of hanging."""
+        try:
+            task_id, num_returns = fields[0], fields[5]
+            return_ids = [ids.return_object_id(task_id, i) for i in range(1, num_returns + 1)]
+        except Exception:
+            return                   # not even the ids are readable: nothing to fail
+        meta, data = error_object(TaskUnschedulableError(
+            f"the node manager could not accept this task: {reason}"))
+        for object_id in return_ids:
+            self.objects.set_ready(object_id, ERROR, meta, data, owner=conn)
+            self.objects.announce(object_id)
+
+    def claim_args(self, args, contained, what):
+        """Hold the objects a task, call or actor needs until it is done.
+
+        Returns (failure, missing): failure is the (meta, data) error object
+        it must fail with (an argument was freed or is itself an error),
+        missing the ids of ref arguments not ready yet. Everything that
+        exists is held, failure or not, so finishing releases it evenly.
+        """
+        failed, missing = None, []
+        for arg in args:
+            if arg[0] != "r":
+                continue
+            entry = self.objects.add_task_ref(arg[1])
+            if entry is None:
+                failed = failed or error_object(ObjectLostError(
+                    f"argument {arg[1].hex()} of {what} was freed or never existed"))
+            elif entry.kind == ERROR:
+                failed = failed or (entry.meta, entry.data)
+            elif not entry.ready:
+                missing.append(arg[1])
+        for object_id in contained:       # refs inside inline arguments
+            self.objects.add_task_ref(object_id)
+        return failed, missing
+
+    def release_args(self, args, contained):
+        for object_id in held_ids(args, contained):
+            self.objects.drop_task_ref(object_id)
+
+    # ------------------------------------------------------------ endings
+    def fail(self, task, meta, data, error_text=None):
+        """Set every return of a task to an error object (it never runs again)."""
+        if task.extra == "failed":
+            return
+        task.extra = "failed"
+        self.finish(task, "FAILED")
+        if error_text:
+            self.report_error(task, error_text)
+        for index in range(1, task.spec.num_returns + 1):
+            object_id = ids.return_object_id(task.task_id, index)
+            self.objects.set_ready(object_id, ERROR, meta, data)
+            self.objects.announce(object_id)
+
+    def fail_with(self, task, exc):
+        self.fail(task, *error_object(exc))
+
+    def finish(self, task, state):
+        self.tasks.pop(task.task_id, None)
+        self.release_args(task.spec.args, task.spec.contained)
+        self.lineage.task(task.spec, state)
+
+    def report_error(self, task, text):
+        self.lineage.error("task", spec_name(task.spec), task.task_id, text)
+        self._tell_if_unheld(task, text)
+
+    def _tell_if_unheld(self, task, text):
+        """A failed task whose results nobody holds any more: its owner prints
+        the error (otherwise `get` raises it, or the owner prints it when it
+        drops the last ref without getting it: each error is shown once)."""
+        owner = task.owner
+        if owner is None or owner.closed:
+            return
+        for index in range(1, task.spec.num_returns + 1):
+            entry = self.objects.get(ids.return_object_id(task.task_id, index))
+            if entry is not None and not entry.owner_released:
+                return
+        owner.send(("error", f"unhandled error: {text}"))
+
+    def done(self, worker, items):
+        """Results of tasks (or actor calls) the worker finished."""
+        for task_id, results, seconds, error_text in items:
+            task = pop_from_worker(worker, task_id)
+            if task is None:
+                continue
+            if worker.actor is None:
+                self.dispatcher.record_duration(task.spec.function_id, seconds)
+            self.finish(task, "FAILED" if error_text else "FINISHED")
+            if error_text:                 # recorded before the driver can see it
+                self.report_error(task, error_text)
+            for object_id, kind, meta, payload, contained in results:
+                entry = self.objects.set_ready(object_id, kind, meta, payload,
+                                               contained=contained)
+                if kind == IN_STORE:
+                    self.lineage.object(object_id, entry, task_id)
+                self.objects.announce(object_id)
+
+    def object_ready(self, object_id, entry):
+        if entry.kind == ERROR:
+            for task in self.queues.drain_waiting_on(object_id):
+                self.fail(task, entry.meta, entry.data)
+        elif self.queues.object_available(object_id):
+            self.dispatcher.schedule()
+
+    def worker_died(self, worker):
+        """A task worker's process ended: requeue what it had, retry or fail
+        the task it was running."""
+        queue = self.dispatcher.worker_gone(worker)
+        for task in reversed(queue[1:]):           # never started: just requeue
+            task.worker = None
+            self.queues.push_ready(task, front=True)
+        if queue:
+            running = queue[0]
+            running.worker = None
+            if running.retries_left > 0:
+                running.retries_left -= 1
+                log.warning("worker %s died running %s; retrying (%d retries left)",
+                            worker.pid, running.spec.name, running.retries_left)
+                self.queues.push_ready(running, front=True)
+            else:
+                text = (f"the worker (pid={worker.pid}) running task {running.spec.name} died "
+                        "and the task has no retries left (max_retries)")
+                self.fail(running, *error_object(WorkerCrashedError(text)), error_text=text)
+
+    def rows(self, node_hex):
+        return [{"id": t.task_id.hex(), "name": spec_name(t.spec),
+                 "state": "RUNNING" if t.worker is not None else "PENDING", "node": node_hex}
+                for t in self.tasks.values()]

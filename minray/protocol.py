@@ -1,0 +1,126 @@
+"""The messages minray processes exchange, by name and field.
+
+A message is a tuple: its name (a short string), then its fields in the order
+listed below. Frames carry plain data only (minray.wire refuses every pickled
+class), so the named tuples here are made from a message's fields where it is
+handled (`TaskSpec(*fields)`) and sent as plain tuples. PROTOCOL_VERSION is
+exchanged in the handshake: a peer of another version is refused before any
+message is read.
+"""
+from typing import NamedTuple
+
+PROTOCOL_VERSION = 2
+
+# How a value travels: inline (its bytes in messages), in the node's store,
+# or an error (inline bytes of a pickled exception).
+INLINE, IN_STORE, ERROR = "v", "s", "e"
+KIND_NAMES = {INLINE: "inline", IN_STORE: "store", ERROR: "error", None: "pending"}
+
+
+class TaskSpec(NamedTuple):
+    """A task as its submitter describes it; logged as its lineage."""
+    task_id: bytes
+    function_id: bytes
+    name: str
+    args: list              # ("r", object_id) | ("v", metadata, bytes)
+    kwarg_names: tuple
+    num_returns: int
+    resources: dict
+    max_retries: int
+    contained: list         # ids of refs serialized inside inline arguments
+
+
+class ActorCallSpec(NamedTuple):
+    """A call of an actor's method."""
+    task_id: bytes
+    actor_id: bytes
+    method: str
+    args: list
+    kwarg_names: tuple
+    num_returns: int
+    contained: list
+
+
+class Dispatch(NamedTuple):
+    """Node manager -> worker: one task or actor call to run (in "tasks")."""
+    task_id: bytes
+    function_id: bytes      # None for an actor's method
+    pickled: bytes          # the function's code, the first time a worker gets it
+    name: str
+    args: list              # ("v", metadata, bytes) | ("s", object_id, metadata)
+    kwarg_names: tuple
+    num_returns: int
+    gpu_ids: list
+
+
+class TaskResult(NamedTuple):
+    """Worker -> node manager: a finished task or call (in "done")."""
+    task_id: bytes
+    results: list           # of ResultObject
+    seconds: float
+    error_text: str         # None unless it raised
+
+
+class ResultObject(NamedTuple):
+    """One return value of a finished task."""
+    object_id: bytes
+    kind: str               # INLINE, IN_STORE or ERROR
+    meta: bytes
+    payload: object         # bytes (inline, error) or the size in the store
+    contained: list         # ids of refs serialized inside the value
+
+
+# Client (driver or worker) -> node manager: name -> fields.
+TO_NODE_MANAGER = {
+    "hello": ("role", "info"),
+    "fn": ("function_id", "pickled", "name"),
+    "submit": ("spec",),                        # TaskSpec
+    "put": ("object_id", "kind", "meta", "payload", "contained"),
+    "sub": ("object_ids",),                     # tell me when these are ready
+    "borrow": ("object_ids",),                  # I hold refs I was handed
+    "free": ("object_ids",),                    # I dropped my last ref to these
+    "escape": ("object_ids",),                  # a ref left minray's serialization
+    "done": ("results",),                       # [TaskResult]
+    "blocked": ("not_started",),                # in get/wait: lend my CPU
+    "unblocked": (),
+    "giveback": ("task_ids",),                  # dispatched while I was blocked
+    "info": ("request_id", "what"),
+    "shutdown": (),                             # the embedded driver is done
+    "actor_create": ("spec", "request_id"),     # request_id 0: no answer wanted
+    "actor_call": ("spec",),                    # ActorCallSpec
+    "actor_ready": ("actor_id", "meta", "data", "error_text"),
+    "actor_exit": (),
+    "actor_release": ("actor_ids",),
+    "actor_escape": ("actor_ids",),
+    "actor_kill": ("actor_id", "no_restart"),
+}
+
+# Node manager -> client: name -> fields.
+TO_CLIENT = {
+    "welcome": ("info",),
+    "obj": ("object_id", "kind", "meta", "payload"),
+    "tasks": ("dispatches",),                   # [Dispatch]
+    "actor_init": ("actor_id", "class_id", "pickled", "class_name", "args", "kwarg_names",
+                   "gpu_ids", "max_concurrency", "is_async"),
+    "error": ("text",),                         # printed by the client
+    "info": ("request_id", "result"),
+    "failed": ("request_id", "reason"),         # the request could not be handled
+    "path": ("paths",),                         # directories for sys.path
+}
+
+# Requests whose handler must answer even when it fails: name -> position of
+# the request id among the fields.
+REQUEST_ID_FIELD = {"info": 0, "actor_create": 1}
+
+
+def bad_message(message, expected):
+    """Why a message does not match the protocol, or None if it does."""
+    if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
+        return f"not a named message: {type(message).__name__}"
+    fields = expected.get(message[0])
+    if fields is None:
+        return f"unknown message {message[0]!r}"
+    if len(message) - 1 != len(fields):
+        return (f"message {message[0]!r} has {len(message) - 1} fields, "
+                f"expected {len(fields)} ({', '.join(fields) or 'none'})")
+    return None
