@@ -63,6 +63,10 @@ def error_object(exc):
 
 
 class Connection(wire.FramedServerProtocol):
+    first_max_frame = wire.FIRST_MAX_FRAME
+    default_max_frame = wire.ORDINARY_MAX_FRAME
+    message_max_frame = wire.NODE_MANAGER_MAX_FRAME
+
     def __init__(self, manager):
         super().__init__(manager.token, name="node manager", batcher=manager.batcher)
         self.manager = manager
@@ -132,7 +136,8 @@ class NodeManager:
         loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         os.makedirs(os.path.dirname(self.socket_path), mode=0o700, exist_ok=True)
-        server = await loop.create_unix_server(lambda: Connection(self), self.socket_path)
+        server = await loop.create_unix_server(lambda: Connection(self), self.socket_path,
+                                               backlog=wire.LISTEN_BACKLOG)
         os.chmod(self.socket_path, 0o600)
         for _ in range(self.num_workers):
             self.pool.start()
@@ -186,7 +191,9 @@ class NodeManager:
     def on_hello(self, conn, role, info):
         conn.role = role
         if role == "worker":
-            conn.worker = self.pool.registered(info["worker_id"], info["pid"], conn)
+            conn.worker = self.pool.admit(info, conn)
+            if conn.worker is None:
+                return          # refused: dropped, with the reason logged
             if self.code_paths:
                 conn.send(("path", self.code_paths))
             self.idle.append(conn.worker)
