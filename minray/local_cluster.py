@@ -15,7 +15,8 @@ from minray.exceptions import RaySystemError
 from minray.object_store import default_capacity
 from minray.resources import check_amount
 from minray.session import (
-    LOGS_DIR, SESSION_ROOT, create_session_dir, node_socket_path, retire_session_dir,
+    LOGS_DIR, SESSION_ROOT, UnsafeSessionPathError, check_private, create_session_dir,
+    node_socket_path, retire_session_dir,
 )
 from minray.spawn import log_tail, python_argv, startup_env
 
@@ -156,11 +157,16 @@ def find_node_socket(address):
     control store's "host:port".
     """
     if address == "auto":
-        session_dir = os.path.realpath(LATEST_LINK)
+        session_dir = _latest_session()
     elif os.path.isdir(address):
         session_dir = address
     else:
         session_dir = _session_of_gcs(address)
+    if not os.path.isdir(session_dir):
+        raise ConnectionError(
+            f"no minray node is running for {address!r} (its session {session_dir} is gone); "
+            "start one with minray.init() in another process first")
+    check_private(session_dir, "session directory")
     socket_path = node_socket_path(session_dir)
     if not os.path.exists(socket_path):
         raise ConnectionError(
@@ -169,7 +175,31 @@ def find_node_socket(address):
     return session_dir, socket_path
 
 
+def _latest_session():
+    """Where session_latest points, if the link and its target are safe to follow:
+    the link is ours, in a private root, and points at a session inside it."""
+    if not os.path.lexists(LATEST_LINK):
+        raise ConnectionError(
+            f"no minray node is running for 'auto' (no {LATEST_LINK}); "
+            "start one with minray.init() in another process first")
+    check_private(SESSION_ROOT, "session root")
+    link = os.lstat(LATEST_LINK)
+    if not os.path.islink(LATEST_LINK) or link.st_uid != os.getuid():
+        raise UnsafeSessionPathError(
+            f"minray refuses to follow {LATEST_LINK}: it is not a symbolic link made by you "
+            f"(uid {os.getuid()}). Remove it, or pass the session directory as the address.")
+    session_dir = os.path.realpath(LATEST_LINK)
+    if os.path.dirname(session_dir) != os.path.realpath(SESSION_ROOT):
+        raise UnsafeSessionPathError(
+            f"minray refuses to follow {LATEST_LINK}: it points at {session_dir}, outside "
+            f"the session root {SESSION_ROOT}. Remove it, or pass the session directory as "
+            "the address.")
+    return session_dir
+
+
 def _session_of_gcs(address):
+    if os.path.isdir(SESSION_ROOT):
+        check_private(SESSION_ROOT, "session root")
     for entry in sorted(os.listdir(SESSION_ROOT)) if os.path.isdir(SESSION_ROOT) else []:
         shard_map = os.path.join(SESSION_ROOT, entry, "gcs", "shards")
         try:

@@ -4,9 +4,16 @@ The head node makes the session directory (logs, LMDB files, sockets) and a
 random token in a 0600 file inside it. Every connection proves it holds the
 token (minray.wire), so only processes that can read that file, or were
 handed the token, can talk to the cluster.
+
+The session root, each session directory and the token file must be ours and
+private: a root another user can write to would let them plant a session (and
+a token they know) that `init(address="auto")` joins, after which their
+"cluster" could send us pickles to load. minray refuses such paths and says
+how to fix them.
 """
 import os
 import secrets
+import stat
 import time
 
 # Not "/tmp/minray": run from /tmp, that directory would shadow the package.
@@ -22,10 +29,46 @@ def new_session_id():
     return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+class UnsafeSessionPathError(PermissionError):
+    """A session root, session directory or token file other users could
+    control or read."""
+
+
+def check_private(path, what, directory=True):
+    """Refuse `path` unless it is ours, not a symlink, and closed to others.
+
+    Raises UnsafeSessionPathError saying what is wrong and how to fix it;
+    FileNotFoundError if it does not exist.
+    """
+    info = os.lstat(path)
+    uid = os.getuid()
+    mode = stat.S_IMODE(info.st_mode)
+    wanted = "0700 directory" if directory else "0600 file"
+    fix = (f"set MINRAY_SESSION_ROOT to a directory of your own (minray creates it "
+           f"with mode 0700 if it does not exist), or remove {path} if it should not be there")
+    if stat.S_ISLNK(info.st_mode):
+        problem = f"a symbolic link (to {os.readlink(path)})"
+    elif directory and not stat.S_ISDIR(info.st_mode):
+        problem = "not a directory"
+    elif not directory and not stat.S_ISREG(info.st_mode):
+        problem = "not a regular file"
+    elif info.st_uid != uid:
+        problem = f"owned by uid {info.st_uid}, not by you (uid {uid})"
+    elif mode & 0o077:
+        problem = f"open to other users (mode {mode:04o})"
+        fix = f"run `chmod {'700' if directory else '600'} {path}`, or " + fix
+    else:
+        return
+    raise UnsafeSessionPathError(
+        f"minray refuses the {what} {path}: it is {problem}. It holds cluster tokens and "
+        f"sockets, so it must be a {wanted} that you own. To fix it, {fix}.")
+
+
 def create_session_dir(session_id=None, root=None):
     """Create a fresh session directory with its token; return its path."""
     root = root or SESSION_ROOT
     os.makedirs(root, mode=0o700, exist_ok=True)
+    check_private(root, "session root")
     prune_finished_sessions(root, keep=KEEP_FINISHED_SESSIONS - 1)
     path = os.path.join(root, f"session-{session_id or new_session_id()}")
     os.makedirs(path, mode=0o700)
@@ -76,6 +119,7 @@ def write_token(session_dir, token):
 def read_token(session_dir):
     path = os.path.join(session_dir, TOKEN_FILE)
     try:
+        check_private(path, "cluster token file", directory=False)
         with open(path) as f:
             return bytes.fromhex(f.read().strip())
     except FileNotFoundError:

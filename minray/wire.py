@@ -12,6 +12,13 @@ an impostor. Only fixed-size raw bytes are read before that. Afterwards every
 message is a frame: a 4-byte little-endian length and a pickle of plain data
 (tuples, lists, dicts, bytes, str, numbers, None), read with an unpickler that
 refuses every global, so even an authenticated peer cannot make us run code.
+
+Limits, so that no peer can make a service use memory or disk without bound:
+frames have size limits by message kind (the first frame after the handshake
+and ordinary messages are small; only messages that carry code or many values
+may be large); a peer whose output piles up unread is not read from until it
+drains, and is dropped if its backlog keeps growing; failed handshakes and
+dropped peers are logged at a bounded rate.
 """
 import hashlib
 import hmac
@@ -20,6 +27,7 @@ import os
 import pickle
 import socket
 import struct
+import time
 
 from minray.protocol import PROTOCOL_VERSION
 
@@ -29,8 +37,55 @@ DIGEST_SIZE = 32
 HELLO_SIZE = len(HELLO_MAGIC) + 1 + NONCE_SIZE
 REPLY_SIZE = NONCE_SIZE + DIGEST_SIZE
 FRAME_HEADER = struct.Struct("<I")
-MAX_FRAME = 1 << 30              # larger length prefixes drop the peer
 HANDSHAKE_TIMEOUT_S = 10.0
+# Listening sockets queue this many connections not yet accepted (the kernel
+# caps it at net.core.somaxconn): a node starting many workers at once, or a
+# burst of drivers, must not see "connection refused".
+LISTEN_BACKLOG = 4096
+
+# Frame size limits: bytes of pickle after the 4-byte length prefix.
+MAX_FRAME = 1 << 30              # the most anything accepts (clients reading services too)
+FIRST_MAX_FRAME = 64 << 10       # a connection's first frame: a hello, before it said who it is
+ORDINARY_MAX_FRAME = 1 << 20     # a message whose kind is not listed with a larger limit
+LARGE_MAX_FRAME = MAX_FRAME      # a listed kind that can legitimately be large
+# Node-manager-bound messages that can be large: exported code (a closure can
+# capture big objects), specs and results carrying many inline values (up to
+# 100 KB each), and lists of ids (a get or free of millions of refs).
+NODE_MANAGER_MAX_FRAME = dict.fromkeys(
+    ("fn", "actor_create", "submit", "actor_call", "done",
+     "sub", "borrow", "free", "escape", "actor_release", "actor_escape"), LARGE_MAX_FRAME)
+
+
+def _env_bytes(name, default):
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number <= 0:
+        raise ValueError(f"{name} must be a positive number of bytes, got {value!r}")
+    return number
+
+
+# Flow control. A peer whose unsent output passes the high-water mark is not
+# read from (it cannot make us produce more for it) until its output is back
+# under the low-water mark. Output can still keep coming for it meanwhile
+# (pushes caused by others: objects becoming ready, published changes): if
+# MAX_OUTPUT_BACKLOG bytes more are queued for it while it reads less than
+# READ_PROGRESS_BYTES, it has stopped reading, and it is dropped. A peer that
+# reads is never dropped for being slower than a burst of output.
+OUTPUT_HIGH_WATER = 4 << 20
+OUTPUT_LOW_WATER = 1 << 20
+MAX_OUTPUT_BACKLOG = _env_bytes("MINRAY_MAX_OUTPUT_BACKLOG", 256 << 20)
+READ_PROGRESS_BYTES = 64 << 10
+
+# Warnings about failed handshakes and dropped peers: at most this many per
+# interval and kind, then one line saying how many more were left out.
+WARNINGS_PER_INTERVAL = 20
+WARNING_INTERVAL_S = 10.0
+
 # Sent instead of the server's proof when the client's proof is wrong, so the
 # client can tell "wrong token" from a connection that merely broke.
 REJECTED = b"MRAY-REJECTED".ljust(DIGEST_SIZE, b"\0")
@@ -96,23 +151,56 @@ def decode(payload):
         raise ProtocolError(f"undecodable frame: {exc}") from None
 
 
-def split_frames(buffer):
+def split_frames(buffer, max_frame=MAX_FRAME):
     """Yield complete frame payloads from a bytearray, consuming them.
 
-    Raises ProtocolError on a length prefix over MAX_FRAME.
+    The frames yielded are removed from the buffer when the generator ends or
+    is closed, even early. `max_frame` is the largest length prefix accepted,
+    or a function returning it, asked again for every frame (a connection's
+    limit can change with what it said); a larger one raises ProtocolError
+    before its body is waited for.
     """
     start = 0
-    end = len(buffer)
-    while end - start >= FRAME_HEADER.size:
-        (length,) = FRAME_HEADER.unpack_from(buffer, start)
-        if length > MAX_FRAME:
-            raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME} byte limit")
-        if end - start - FRAME_HEADER.size < length:
-            break
-        body_start = start + FRAME_HEADER.size
-        yield bytes(buffer[body_start:body_start + length])
-        start = body_start + length
-    del buffer[:start]
+    try:
+        while len(buffer) - start >= FRAME_HEADER.size:
+            (length,) = FRAME_HEADER.unpack_from(buffer, start)
+            limit = max_frame() if callable(max_frame) else max_frame
+            if length > limit:
+                raise ProtocolError(f"frame of {length} bytes exceeds the {limit} byte limit")
+            body_start = start + FRAME_HEADER.size
+            if len(buffer) - body_start < length:
+                break
+            payload = bytes(buffer[body_start:body_start + length])
+            start = body_start + length
+            yield payload
+    finally:
+        del buffer[:start]
+
+
+def message_limit(message, limits, default, kind_index=0):
+    """(kind, size limit) of a decoded message, by its kind (an item of its tuple)."""
+    try:
+        kind = message[kind_index] if type(message) is tuple else None
+        return kind, limits.get(kind, default)
+    except (IndexError, TypeError):         # no kind, or an unhashable one
+        return None, default
+
+
+_PEERCRED = struct.Struct("3i")       # pid, uid, gid
+
+
+def peer_pid(sock):
+    """The pid of the process that connected a Unix socket, as the kernel
+    recorded it (not anything the peer said); None where it can't tell."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or option is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        pid, _uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, option,
+                                                           _PEERCRED.size))
+    except OSError:
+        return None
+    return pid or None
 
 
 # ---------------------------------------------------------------- blocking side
@@ -206,13 +294,83 @@ class OutputBatcher:
             protocol._flush()
 
 
+class WarningLimiter:
+    """Logs at most `limit` warnings per `interval_s` seconds.
+
+    The rest are counted, and one line says how many were left out when the
+    interval ends, so a flood of bad connections shows in the log without
+    filling the disk.
+    """
+
+    def __init__(self, logger, limit=WARNINGS_PER_INTERVAL, interval_s=WARNING_INTERVAL_S):
+        self.logger = logger
+        self.limit = limit
+        self.interval_s = interval_s
+        self.window_end = 0.0
+        self.logged = 0
+        self.left_out = 0
+        self.timer = None
+
+    def warning(self, fmt, *args):
+        now = time.monotonic()
+        if now >= self.window_end:
+            self.report_left_out()
+            self.window_end = now + self.interval_s
+            self.logged = 0
+        if self.logged < self.limit:
+            self.logged += 1
+            self.logger.warning(fmt, *args)
+            return
+        self.left_out += 1
+        if self.timer is None:
+            import asyncio
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return                  # no loop: reported with the next warning
+            self.timer = loop.call_later(self.window_end - now, self.report_left_out)
+
+    def report_left_out(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.left_out:
+            self.logger.warning("%d more warnings like the above were left out of the log "
+                                "in the last %.0f s", self.left_out, self.interval_s)
+            self.left_out = 0
+
+
+_limiters = {}
+
+
+def _limiter(name, authenticated):
+    """One limiter per service and kind of peer, so a flood of strangers can't
+    hide why an authenticated peer was dropped."""
+    key = (name, authenticated)
+    limiter = _limiters.get(key)
+    if limiter is None:
+        import logging
+        limiter = _limiters[key] = WarningLimiter(logging.getLogger(f"minray.{name}"))
+    return limiter
+
+
 class FramedServerProtocol:
     """asyncio protocol: handshake first, then frames to message_received().
 
     Subclasses implement message_received(message) and may override
     authenticated() and lost(). Output goes through an OutputBatcher shared
-    by all connections of a server.
+    by all connections of a server. Class attributes set the frame size
+    limits: `first_max_frame` for the first frame after the handshake, then
+    `message_max_frame[kind]` for the kinds listed there (a message's kind is
+    its item at `kind_index`) and `default_max_frame` for the others. A
+    length prefix over the largest of them drops the peer before its body is
+    read; a decoded message over its own kind's limit drops it too.
     """
+
+    first_max_frame = MAX_FRAME
+    default_max_frame = MAX_FRAME
+    message_max_frame = {}
+    kind_index = 0
 
     def __init__(self, token, name="service", batcher=None):
         self.token = token
@@ -222,15 +380,30 @@ class FramedServerProtocol:
         self.is_authenticated = False
         self.buffer = bytearray()
         self.peer = "?"
+        self.peer_pid = None            # Unix sockets: the connecting process, per the kernel
         self.nonce = None
         self.handshake_timer = None
         self.outbox = []
+        self.outbox_bytes = 0
         self.closed = False
+        self.frames_received = 0
+        self.largest_frame = max([self.default_max_frame, *self.message_max_frame.values()])
+        self.output_paused = False      # the transport's buffer is over its high-water mark
+        self.input_held = False         # frames wait in self.buffer until our output drains
+        # While paused: unsent bytes when we last saw the peer read, and bytes
+        # queued for it since (what it read since = their sum - unsent now).
+        self.unsent_at_progress = 0
+        self.queued_since_progress = 0
 
     def connection_made(self, transport):
         import asyncio
         self.transport = transport
+        transport.set_write_buffer_limits(high=OUTPUT_HIGH_WATER, low=OUTPUT_LOW_WATER)
         self.peer = transport.get_extra_info("peername") or "unix socket"
+        if self.peer == "unix socket":
+            self.peer_pid = peer_pid(transport.get_extra_info("socket"))
+            if self.peer_pid is not None:
+                self.peer = f"unix socket (pid {self.peer_pid})"
         self.nonce, hello = server_hello()
         transport.write(hello)
         self.handshake_timer = asyncio.get_running_loop().call_later(
@@ -240,22 +413,36 @@ class FramedServerProtocol:
         if not self.is_authenticated:
             self.drop("no authentication within the handshake timeout")
 
+    def _warn(self, what, reason):
+        _limiter(self.name, self.is_authenticated).warning(
+            "%s: %s connection from %s: %s", self.name, what, self.peer, reason)
+
     def drop(self, reason):
-        import logging
-        logging.getLogger(f"minray.{self.name}").warning(
-            "%s: dropping connection from %s: %s", self.name, self.peer, reason)
+        """Log why (at a bounded rate) and close the connection at once."""
+        if self.closed:
+            return
+        self._warn("dropping", reason)
+        self._close_now()
         self.transport.abort()
 
     def reject(self, reason):
         """Tell a peer with a wrong token so (it must not retry), then close."""
-        import logging
-        logging.getLogger(f"minray.{self.name}").warning(
-            "%s: rejecting connection from %s: %s", self.name, self.peer, reason)
+        if self.closed:
+            return
+        self._warn("rejecting", reason)
+        self._close_now()
         self.transport.write(REJECTED)
         self.transport.close()
 
-    def connection_lost(self, exc):
+    def _close_now(self):
+        # Nothing more is read or sent; lost() still runs from connection_lost.
         self.closed = True
+        self.outbox.clear()
+        self.outbox_bytes = 0
+        self.buffer.clear()
+
+    def connection_lost(self, exc):
+        self._close_now()
         if self.handshake_timer:
             self.handshake_timer.cancel()
         self.lost()
@@ -269,14 +456,39 @@ class FramedServerProtocol:
     def send(self, message):
         if self.closed:
             return
+        frame = encode(message)
+        if self.output_paused and self._stopped_reading(len(frame)):
+            return
         if not self.outbox:
             self.batcher.mark(self)
-        self.outbox.append(encode(message))
+        self.outbox.append(frame)
+        self.outbox_bytes += len(frame)
+
+    def _stopped_reading(self, more):
+        """Count `more` bytes queued for a paused peer; drop it (and return
+        True) if it has stopped reading."""
+        unsent = self.transport.get_write_buffer_size() + self.outbox_bytes
+        read = self.unsent_at_progress + self.queued_since_progress - unsent
+        if read >= READ_PROGRESS_BYTES:
+            self.unsent_at_progress, self.queued_since_progress = unsent, 0
+        elif self.queued_since_progress + more > MAX_OUTPUT_BACKLOG:
+            self.drop(f"it stopped reading: {unsent} bytes of output wait for it, and it read "
+                      f"{max(read, 0)} bytes while {self.queued_since_progress} more were queued "
+                      f"(the limit is MINRAY_MAX_OUTPUT_BACKLOG={MAX_OUTPUT_BACKLOG})")
+            return True
+        self.queued_since_progress += more
+        return False
 
     def _flush(self):
-        if self.outbox and not self.closed:
-            self.transport.write(b"".join(self.outbox) if len(self.outbox) > 1 else self.outbox[0])
+        if not self.outbox or self.closed:
+            return
+        data = b"".join(self.outbox) if len(self.outbox) > 1 else self.outbox[0]
         self.outbox.clear()
+        self.outbox_bytes = 0
+        self.transport.write(data)          # calls pause_writing if it can't all go
+        if self.input_held and not self.output_paused:
+            import asyncio
+            asyncio.get_running_loop().call_soon(self._release_input)
 
     def data_received(self, data):
         self.buffer += data
@@ -294,23 +506,68 @@ class FramedServerProtocol:
             self.handshake_timer.cancel()
             self.transport.write(proof)
             self.authenticated()
+        self._handle_frames()
+
+    def _frame_limit(self):
+        return self.first_max_frame if self.frames_received == 0 else self.largest_frame
+
+    def _handle_frames(self):
         batcher = self.batcher
         batcher.depth += 1
+        frames = split_frames(self.buffer, self._frame_limit)
         try:
-            for payload in split_frames(self.buffer):
-                self.message_received(decode(payload))
+            for payload in frames:
+                self.frames_received += 1
+                message = decode(payload)
+                if len(payload) > self.default_max_frame:
+                    kind, limit = message_limit(message, self.message_max_frame,
+                                                self.default_max_frame, self.kind_index)
+                    if len(payload) > limit:
+                        raise ProtocolError(f"{kind!r} message of {len(payload)} bytes is "
+                                            f"over the {limit}-byte limit for it")
+                self.message_received(message)
+                if self.closed:
+                    break
+                if self.outbox_bytes > OUTPUT_HIGH_WATER:
+                    # Its requests made more output than it may have waiting:
+                    # the rest of them wait until it has read that.
+                    self.input_held = True
+                    self.transport.pause_reading()
+                    break
         except ProtocolError as exc:
             self.drop(str(exc))
         finally:
+            frames.close()
             batcher.depth -= 1
             if batcher.depth == 0:
                 batcher.flush()
+
+    def _release_input(self):
+        if self.closed or not self.input_held or self.output_paused:
+            return
+        self.input_held = False
+        self.transport.resume_reading()
+        if self.buffer:
+            self._handle_frames()
 
     def eof_received(self):
         return False
 
     def pause_writing(self):
-        pass
+        # The peer reads slower than we produce for it: read nothing more from
+        # it, so it cannot ask for more, until it has caught up.
+        self.output_paused = True
+        self.unsent_at_progress = self.transport.get_write_buffer_size() + self.outbox_bytes
+        self.queued_since_progress = 0
+        if not self.closed:
+            self.transport.pause_reading()
 
     def resume_writing(self):
-        pass
+        self.output_paused = False
+        if self.closed:
+            return
+        if self.input_held:
+            import asyncio
+            asyncio.get_running_loop().call_soon(self._release_input)
+        else:
+            self.transport.resume_reading()

@@ -163,6 +163,13 @@ class Shard:
 class ShardConnection(wire.FramedServerProtocol):
     """One client connection to a shard: handshake, then framed requests."""
 
+    # Write and publish batches carry task records and exported code, and a
+    # get_many can name many keys; every other request is small.
+    first_max_frame = wire.LARGE_MAX_FRAME
+    default_max_frame = wire.ORDINARY_MAX_FRAME
+    message_max_frame = dict.fromkeys(("write", "pub", "mget"), wire.LARGE_MAX_FRAME)
+    kind_index = 1
+
     def __init__(self, shard, token):
         super().__init__(token, name=f"gcs shard {shard.number}")
         self.shard = shard
@@ -233,7 +240,8 @@ async def serve(session_dir, shards, ports, host, map_bytes, max_map_bytes, fsyn
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         server = await loop.create_server(
-            lambda shard=shard: ShardConnection(shard, token), sock=sock)
+            lambda shard=shard: ShardConnection(shard, token), sock=sock,
+            backlog=wire.LISTEN_BACKLOG)
         servers.append(server)
         _write_address(session_dir, number, host, sock.getsockname()[1])
         log.info("shard %d serving on %s:%d", number, host, sock.getsockname()[1])

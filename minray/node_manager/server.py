@@ -34,12 +34,12 @@ from minray.session import node_socket_path
 
 log = logging.getLogger("minray.node_manager")
 
-# Pending connections the Unix socket queues while the loop is busy: a burst
-# of workers starting at once must not be refused.
-LISTEN_BACKLOG = 1024
-
 
 class Connection(wire.FramedServerProtocol):
+    first_max_frame = wire.FIRST_MAX_FRAME
+    default_max_frame = wire.ORDINARY_MAX_FRAME
+    message_max_frame = wire.NODE_MANAGER_MAX_FRAME
+
     def __init__(self, manager):
         super().__init__(manager.token, name="node manager", batcher=manager.batcher)
         self.manager = manager
@@ -102,7 +102,7 @@ class NodeManager:
         self.stopping = asyncio.Event()
         os.makedirs(os.path.dirname(self.socket_path), mode=0o700, exist_ok=True)
         server = await loop.create_unix_server(lambda: Connection(self), self.socket_path,
-                                               backlog=LISTEN_BACKLOG)
+                                               backlog=wire.LISTEN_BACKLOG)
         os.chmod(self.socket_path, 0o600)
         for _ in range(self.dispatcher.num_workers):
             self.pool.start()
@@ -162,7 +162,9 @@ class NodeManager:
     def on_hello(self, conn, role, info):
         conn.role = role
         if role == "worker":
-            conn.worker = self.pool.registered(info["worker_id"], info["pid"], conn)
+            conn.worker = self.pool.admit(info, conn)
+            if conn.worker is None:
+                return          # refused: dropped, with the reason logged
             if self.code_paths:
                 conn.send(("path", self.code_paths))
             self.dispatcher.add_worker(conn.worker)

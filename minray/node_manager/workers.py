@@ -1,8 +1,19 @@
-"""Worker processes of one node: starting them and tracking what each is doing."""
+"""Worker processes of one node: starting them, admitting their connections,
+and tracking what each is doing.
+
+The node manager signals only processes it started. A connection becomes a
+worker only if its hello names a worker id the pool asked the zygote for and
+is still waiting for, and the process at the other end of the socket (as the
+kernel reports it, not as the peer claims) is a child of this pool's zygote.
+The worker is then signalled through a handle that can't reach another
+process that later reuses its pid (a pidfd on Linux).
+"""
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 import uuid
 
@@ -11,12 +22,17 @@ from minray.spawn import python_argv
 START_TIMEOUT_S = 30.0
 
 
+class WorkerRefused(Exception):
+    """A connection that says it is a worker can't be admitted as one."""
+
+
 class WorkerState:
     """What the node manager knows about one worker process."""
 
-    def __init__(self, worker_id, pid):
+    def __init__(self, worker_id, pid, process=None):
         self.worker_id = worker_id
         self.pid = pid
+        self.process = process      # ProcessHandle: the only way it is signalled
         self.conn = None
         self.queue = []             # tasks sent to it, oldest (running) first
         self.lease = None           # resources held for the tasks in its queue
@@ -73,12 +89,58 @@ class WorkerPool:
         self.starting[worker_id] = time.monotonic()
         return worker_id
 
-    def registered(self, worker_id, pid, conn):
-        self.starting.pop(worker_id, None)
-        state = WorkerState(worker_id, pid)
+    def admit(self, info, conn):
+        """The WorkerState of a connection whose hello says it is a worker, or
+        None if it is refused (the connection is then dropped, with the reason
+        logged)."""
+        try:
+            worker_id, process = self._verify(info, conn)
+        except WorkerRefused as exc:
+            conn.drop(f"refused as a worker: {exc}")
+            return None
+        del self.starting[worker_id]
+        state = WorkerState(worker_id, process.pid, process)
         state.conn = conn
         self.workers[worker_id] = state
         return state
+
+    def _verify(self, info, conn):
+        worker_id = info.get("worker_id") if isinstance(info, dict) else None
+        if conn.worker is not None:
+            raise WorkerRefused(f"the connection is already worker {conn.worker.worker_id}")
+        if type(worker_id) is not str or worker_id not in self.starting:
+            raise WorkerRefused(f"worker id {worker_id!r} is not one this node manager asked "
+                                "for, or it has connected already")
+        claimed = info.get("pid")
+        pid = conn.peer_pid
+        if pid is None:
+            # No peer credentials on this platform: the claim is all we have,
+            # and the parent check below is what keeps it honest.
+            if type(claimed) is not int or claimed <= 0:
+                raise WorkerRefused(f"its hello has no valid pid ({claimed!r})")
+            pid = claimed
+        elif claimed != pid:
+            raise WorkerRefused(f"it claims pid {claimed!r} but the process that opened "
+                                f"the socket is pid {pid}")
+        zygote = self.zygote
+        try:
+            process = ProcessHandle.of_peer(conn.transport.get_extra_info("socket"), pid)
+        except ProcessLookupError:
+            raise WorkerRefused(f"its process (pid {pid}) has exited") from None
+        try:
+            parent = parent_pid(pid)
+            if zygote is None or parent != zygote.pid:
+                raise WorkerRefused(
+                    f"its process (pid {pid}, parent {parent}) was not started by this node's "
+                    f"zygote (pid {zygote.pid if zygote else None})")
+            # The handle was opened before the parent was read: if its process
+            # is still alive, the pid was not reused in between.
+            if not process.alive():
+                raise WorkerRefused(f"its process (pid {pid}) has exited")
+        except BaseException:
+            process.close()
+            raise
+        return worker_id, process
 
     def overdue(self, timeout=START_TIMEOUT_S):
         """Workers requested long ago that never connected (they failed to start)."""
@@ -94,12 +156,14 @@ class WorkerPool:
     def remove(self, worker_id):
         state = self.workers.pop(worker_id, None)
         if state is not None:
-            _kill(state.pid)
+            state.process.signal(signal.SIGKILL)
+            state.process.close()
 
     def stop_all(self):
         self.stopped = True
         for state in self.workers.values():
-            _kill(state.pid, signal.SIGTERM)
+            state.process.signal(signal.SIGTERM)
+            state.process.close()
         self.workers.clear()
         self.starting.clear()
         if self.zygote is not None:
@@ -111,8 +175,97 @@ class WorkerPool:
                 self.zygote.wait()
 
 
-def _kill(pid, sig=signal.SIGKILL):
+# Linux 6.5+: a pidfd of a Unix socket's peer, straight from the socket.
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77 if sys.platform.startswith("linux") else None)
+
+
+class ProcessHandle:
+    """Signals one process, and never another one that later gets its pid.
+
+    On Linux it holds a pidfd (signals to an exited process fail instead of
+    reaching a newcomer with the same pid); elsewhere a psutil.Process, which
+    checks the process's start time before each signal.
+    """
+
+    def __init__(self, pid, pidfd=None, proc=None):
+        self.pid = pid
+        self.pidfd = pidfd
+        self.proc = proc
+
+    @classmethod
+    def open(cls, pid):
+        """Raises ProcessLookupError if there is no process `pid`."""
+        if hasattr(os, "pidfd_open"):
+            try:
+                return cls(pid, pidfd=os.pidfd_open(pid))
+            except ProcessLookupError:
+                raise
+            except OSError:
+                pass                # kernel without pidfds (before 5.3)
+        import psutil
+        try:
+            return cls(pid, proc=psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            raise ProcessLookupError(pid) from None
+
+    @classmethod
+    def of_peer(cls, sock, pid):
+        """The process at the other end of a Unix socket, whose peer pid is
+        `pid`: from the socket itself where the kernel can (no window for the
+        pid to be reused), else by pid."""
+        if SO_PEERPIDFD is not None and sock is not None and sock.family == socket.AF_UNIX:
+            try:
+                pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+            except OSError:
+                pass                # kernel before 6.5
+            else:
+                return cls(pid, pidfd=pidfd)
+        return cls.open(pid)
+
+    def signal(self, sig):
+        """Send sig; nothing happens if the process has exited."""
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            except ProcessLookupError:
+                pass
+        elif self.proc is not None:
+            import psutil
+            try:
+                self.proc.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+
+    def alive(self):
+        try:
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, 0)
+                return True
+            return self.proc.is_running()
+        except ProcessLookupError:
+            return False
+
+    def close(self):
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def parent_pid(pid):
+    """The parent of process `pid`, or None if it is gone."""
     try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return None
+    except OSError:
+        return None
+    else:
+        # pid (command) state ppid ...: the command may hold spaces and ")"
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    import psutil               # no /proc (not Linux)
+    try:
+        return psutil.Process(pid).ppid()
+    except psutil.NoSuchProcess:
+        return None

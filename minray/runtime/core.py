@@ -27,6 +27,7 @@ INLINE_MAX_BYTES = 100 * 1024      # values up to this size travel in messages
 # error that arrives for one of them is still reported as unhandled.
 DROPPED_PENDING_MAX = 10_000
 BOOKKEEPING_DELAY_S = 0.1          # longest a dropped ref waits to be reported
+BACKGROUND_READ_CHUNKS = 64        # most reads of up to 1 MiB per background poll
 
 _current = None                     # the CoreClient of this process
 
@@ -69,6 +70,7 @@ class CoreClient:
         self.actor_handles = {}      # actor id -> live owned handles in this process
         self.pending_actor_release = []
         self.pending_actor_escape = []
+        self.pending_giveback = []   # worker: tasks to hand back, read while lending
         self.actor_id = None         # worker: the actor it hosts
         self.concurrent = False      # calls run at once: ids from one shared counter
         self.shared_counter = itertools.count(1)
@@ -100,35 +102,88 @@ class CoreClient:
 
     # ------------------------------------------------------------ sending
     def send(self, message):
-        frames = [wire.encode(message)]
+        frame = wire.encode(message)
+        if len(frame) > wire.ORDINARY_MAX_FRAME:
+            _check_size(message, len(frame) - wire.FRAME_HEADER.size)
+        frames = [frame]
         with self.send_lock:
             # Built under the lock so escapes and frees reach the node manager
             # in the order they happened, whichever thread sends them.
             if self._has_bookkeeping():
                 frames = self._bookkeeping_frames() + frames
             try:
-                self.sock.sendall(b"".join(frames))
+                self._send_locked(b"".join(frames))
+                if self.pending_giveback:        # read while we waited to send
+                    self._send_locked(b"".join(self._bookkeeping_frames()))
             except OSError as exc:
                 raise RaySystemError(f"lost the connection to the node manager: {exc}") from None
+
+    def _send_bookkeeping(self):
+        with self.send_lock:
+            if not self._has_bookkeeping():
+                return
+            try:
+                self._send_locked(b"".join(self._bookkeeping_frames()))
+            except OSError as exc:
+                raise RaySystemError(f"lost the connection to the node manager: {exc}") from None
+
+    def _send_locked(self, data):
+        """Send all of data, with send_lock held.
+
+        While the socket is full, read what the node manager sends: it stops
+        reading from a client whose output piles up unread (minray.wire), so
+        a client that only sent would wait for ever.
+        """
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
+        while view:
+            try:
+                view = view[self.sock.send(view, socket.MSG_DONTWAIT):]
+            except BlockingIOError:
+                self._read_while_full()
+
+    def _read_while_full(self):
+        with self.cond:
+            reader = not self.reading
+            if reader:
+                self.reading = True
+        try:
+            poller = select.poll()
+            poller.register(self.sock, select.POLLOUT | (select.POLLIN if reader else 0))
+            # Not the reader: look again soon whether we can become it.
+            events = poller.poll(None if reader else 50)
+            if reader and any(event & ~select.POLLOUT for _, event in events):
+                self._receive(0)
+        finally:
+            if reader:
+                with self.cond:
+                    self.reading = False
+                    self.cond.notify_all()
 
     def _send_bookkeeping_loop(self):
         """Background chores of a process that may be busy or idle elsewhere.
 
         Dropped refs ride along with the next message; if none comes soon (an
-        idle driver), they are sent from here so their memory is freed. A
-        driver also reads what arrived while no thread was waiting, so the
-        error of a task nobody gets is still printed.
+        idle driver), they are sent from here so their memory is freed. It
+        also reads what arrived while no thread was waiting: a driver prints
+        the error of a task nobody gets, and the node manager's output for a
+        process busy elsewhere does not pile up (it would stop reading from
+        it and, past a limit, drop it).
         """
         while not self.closed:
             time.sleep(BOOKKEEPING_DELAY_S)
-            if self._has_bookkeeping() and not self.closed:
-                with self.send_lock:
-                    try:
-                        self.sock.sendall(b"".join(self._bookkeeping_frames()))
-                    except OSError:
-                        return
-            if self.role == "driver" and not self.closed:
-                self._poll_in_background()
+            try:
+                if self._has_bookkeeping() and not self.closed:
+                    self._send_bookkeeping()
+                if not self.closed:
+                    self._poll_in_background()
+            except RaySystemError:
+                return
 
     def _poll_in_background(self):
         with self.cond:
@@ -136,22 +191,28 @@ class CoreClient:
                 return
             self.reading = True
         try:
-            self._receive(0)
-        except RaySystemError:
-            return
+            for _ in range(BACKGROUND_READ_CHUNKS):
+                if not self._receive(0):
+                    break
         finally:
             with self.cond:
                 self.reading = False
                 self.cond.notify_all()
+        if self.pending_giveback:
+            self._send_bookkeeping()
 
     def _has_bookkeeping(self):
         return bool(self.pending_free or self.pending_escape or self.pending_borrow
-                    or self.pending_actor_release or self.pending_actor_escape)
+                    or self.pending_actor_release or self.pending_actor_escape
+                    or self.pending_giveback)
 
     def _bookkeeping_frames(self):
         # Escapes and borrows go before frees: a ref we now hold is counted
         # before anything that kept its object alive for us is let go.
         frames = []
+        if self.pending_giveback:
+            given, self.pending_giveback = self.pending_giveback, []
+            frames.append(wire.encode(("giveback", given)))
         if self.pending_escape:
             escaped, self.pending_escape = self.pending_escape, []
             frames.append(wire.encode(("escape", escaped)))
@@ -194,8 +255,11 @@ class CoreClient:
                 with self.cond:
                     self.reading = False
                     self.cond.notify_all()
+            if self.pending_giveback:
+                self._send_bookkeeping()
 
     def _receive(self, timeout):
+        """Read and handle what arrived (waiting up to timeout); True if anything did."""
         # The socket stays in blocking mode (another thread may be sending on
         # it); a timeout is waited for with poll, and a poll-less read uses
         # MSG_DONTWAIT.
@@ -204,10 +268,10 @@ class CoreClient:
                 chunk = self.sock.recv(1 << 20)
             else:
                 if timeout > 0 and not self.poller.poll(timeout * 1000):
-                    return
+                    return False
                 chunk = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
             self._lost(str(exc))
         if not chunk:
@@ -215,6 +279,7 @@ class CoreClient:
         self.buffer += chunk
         for payload in wire.split_frames(self.buffer):
             self._process(wire.decode(payload))
+        return True
 
     def _lost(self, why):
         self.closed = True
@@ -233,8 +298,9 @@ class CoreClient:
             if self.lending and self.actor_id is None:
                 # Sent before the node manager knew this worker had blocked:
                 # hand them back, or they would wait behind the blocked task
-                # (which may be waiting for them: a deadlock).
-                self.send(("giveback", [t[0] for t in message[1]]))
+                # (which may be waiting for them: a deadlock). Sent once this
+                # read is done: the thread reading may hold send_lock.
+                self.pending_giveback.extend(t[0] for t in message[1])
             else:
                 self.tasks.extend(message[1])
         elif kind == "actor_init":
@@ -468,9 +534,20 @@ class CoreClient:
         try:
             if self.pending_escape or self.pending_free:
                 with self.send_lock:
-                    self.sock.sendall(b"".join(self._bookkeeping_frames()))
-        except OSError:
+                    self._send_locked(b"".join(self._bookkeeping_frames()))
+        except (OSError, RaySystemError):
             pass
         self.sock.close()
         if self.store is not None:
             self.store.close()
+
+
+def _check_size(message, size):
+    """A clear error here, rather than the node manager dropping us for it."""
+    kind, limit = wire.message_limit(message, wire.NODE_MANAGER_MAX_FRAME,
+                                     wire.ORDINARY_MAX_FRAME)
+    if size > limit:
+        raise ValueError(
+            f"{kind!r} message of {size} bytes is over minray's {limit}-byte limit for it: "
+            "send less at once (large values belong in minray.put() or in arguments, not "
+            "in a function's or class's closure)")
