@@ -157,7 +157,7 @@ def find_node_socket(address):
     control store's "host:port".
     """
     if address == "auto":
-        session_dir = _latest_session()
+        session_dir = latest_session()
     elif os.path.isdir(address):
         session_dir = address
     else:
@@ -175,7 +175,7 @@ def find_node_socket(address):
     return session_dir, socket_path
 
 
-def _latest_session():
+def latest_session():
     """Where session_latest points, if the link and its target are safe to follow:
     the link is ours, in a private root, and points at a session inside it."""
     if not os.path.lexists(LATEST_LINK):

@@ -11,7 +11,15 @@ LATEST_SESSION = os.path.join(SESSION_ROOT, "session_latest")
 
 def _client(args):
     from minray.gcs import GcsClient
-    session_dir = args.session_dir or LATEST_SESSION
+    from minray.local_cluster import latest_session
+    from minray.session import UnsafeSessionPathError, check_private
+    try:
+        # The latest-session link is followed only if it is ours and inside the root.
+        session_dir = args.session_dir or latest_session()
+        if os.path.exists(session_dir):
+            check_private(session_dir, "session directory")
+    except (UnsafeSessionPathError, ConnectionError) as exc:
+        sys.exit(f"minray: {exc}")
     if not os.path.exists(session_dir):
         sys.exit(f"minray: no session at {session_dir}; start a cluster or pass --session-dir")
     return GcsClient.from_session(session_dir, reconnect_timeout=5.0)
