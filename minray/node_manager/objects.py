@@ -1,8 +1,9 @@
 """The node manager's table of objects: where each value is and who wants it.
 
 An object is either inline (small: its serialized bytes live here and travel
-in messages) or in the shared-memory store (large: the node manager holds a pin
-on this primary copy, so it is never evicted while referenced). Errors are
+in messages) or in the shared-memory store (large: its writer seals it with a
+primary pin, which the node manager adopts here, so this primary copy is
+never evicted while referenced). Errors are
 inline objects of kind ERROR: a task that depends on one fails with it.
 
 Lifetime: an object is freed when its owner (the process that submitted the
@@ -62,6 +63,8 @@ class ObjectTable:
         entry = self.entries.get(object_id)
         if entry is None:
             if owner is None:
+                if kind == IN_STORE:   # nobody wants it: drop it and its primary pin
+                    self._delete_from_store(object_id)
                 return None            # result of a task whose owner gave up on it
             entry = self.entries[object_id] = ObjectEntry(owner)
         entry.kind = kind
@@ -69,8 +72,8 @@ class ObjectTable:
         entry.ready = True
         if kind == IN_STORE:
             entry.size = payload
-            try:
-                entry.pin = self.store.get(object_id)
+            try:   # take over the pin its writer left at seal: never evictable
+                entry.pin = self.store.adopt_primary(object_id)
             except KeyError:
                 entry.pin = None       # evicted already: readers will see it lost
         else:
@@ -110,10 +113,13 @@ class ObjectTable:
         del self.entries[object_id]
         if entry.kind == IN_STORE:
             entry.pin = None
-            try:
-                self.store.delete(object_id)
-            except KeyError:
-                pass
+            self._delete_from_store(object_id)
+
+    def _delete_from_store(self, object_id):
+        try:
+            self.store.delete(object_id)
+        except KeyError:
+            pass
 
     def forget_connection(self, conn):
         """A process went away: it owns nothing and waits for nothing now."""

@@ -471,6 +471,8 @@ class NodeManager:
         if worker in self.idle:
             self.idle.remove(worker)
         self.pool.remove(worker.worker_id)
+        # Results and puts it sealed but never reported: evictable from now on.
+        self.store.release_primaries_of(worker.pid)
         if worker.actor is not None:
             self.actors.worker_died(worker)
             self.schedule()
