@@ -578,6 +578,8 @@ def test_primary_pins_of_a_dead_writer_are_released_for_its_pid(make_store, stor
     assert store.lru_order() == [oid(3), oid(1), oid(2)]     # ordinary copies now
     assert bytes(store.get(oid(1))) == b"r" * 1000
     assert store.release_primaries_of(child.pid) == 0
+    store.close()
+    assert store.release_primaries_of(child.pid) == 0      # a node shutting down
 
 
 def test_pins_and_primary_pins_survive_the_repair_after_a_crash(make_store, store_name):

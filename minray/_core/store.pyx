@@ -920,9 +920,13 @@ cdef class SharedStore:
 
         The node manager calls this when a worker died: results and puts it
         sealed but never reported become ordinary, evictable objects (a
-        retried task finds and reuses them).  Returns how many were dropped.
+        retried task finds and reuses them).  Returns how many were dropped
+        (0 once this handle is closed: a node shutting down has nothing left
+        to release).
         """
         cdef uint64_t dropped
+        if self.closed:
+            return 0
         self._check_usable()
         self._lock()
         dropped = self._release_primaries_locked(pid)
