@@ -96,8 +96,6 @@ _MIN_CAPACITY = 1 << 16
 # this environment variable, rounded up to a multiple of 64.  Each 64 clients
 # cost 8 bytes per object-table entry (the pin masks) and 1 KB of header.
 MAX_CLIENTS_ENV = "MINRAY_OBJECT_STORE_MAX_CLIENTS"
-DEFAULT_CLIENTS = DEFAULT_MAX_CLIENTS
-CLIENTS_LIMIT = MAX_CLIENTS_LIMIT
 
 # Result codes of the locked C operations, mapped to exceptions by _raise().
 cdef enum:
