@@ -9,6 +9,8 @@ from minray._core.layout cimport AllocState
 cdef void alloc_init(AllocState* st, uint8_t* base, uint64_t area_size) noexcept nogil
 cdef uint64_t alloc_block(AllocState* st, uint8_t* base, uint64_t payload_size) noexcept nogil
 cdef void free_block(AllocState* st, uint8_t* base, uint64_t payload) noexcept nogil
+cdef bint block_sound(uint8_t* base, uint64_t area_size, uint64_t payload,
+                      uint64_t payload_size) noexcept nogil
 cdef uint64_t block_payload_capacity(uint8_t* base, uint64_t payload) noexcept nogil
 cdef uint64_t largest_free_block(AllocState* st, uint8_t* base) noexcept nogil
 cdef uint64_t max_payload(uint64_t area_size) noexcept nogil

@@ -206,6 +206,31 @@ cdef void free_block(AllocState* st, uint8_t* base, uint64_t payload) noexcept n
     insert_free(st, base, off)
 
 
+cdef bint block_sound(uint8_t* base, uint64_t area_size, uint64_t payload,
+                      uint64_t payload_size) noexcept nogil:
+    """True if `payload` is the payload offset of an allocated block that
+    holds payload_size bytes and lies inside an area of area_size bytes.
+
+    Checked before an entry's block is read or freed: the offset and the
+    block header are in shared memory, where any process can overwrite them.
+    """
+    cdef uint64_t end, off, size
+    cdef BlockHeader* b
+    if area_size < FIRST_BLOCK + MIN_BLOCK:
+        return False
+    end = FIRST_BLOCK + ((area_size - FIRST_BLOCK) // ALIGNMENT) * ALIGNMENT
+    if payload % ALIGNMENT != 0 or payload < FIRST_BLOCK + HEADER_SIZE or payload >= end:
+        return False
+    off = payload - HEADER_SIZE
+    b = hdr(base, off)
+    size = bsize(b)
+    if is_free(b) or size < MIN_BLOCK or size > end - off:
+        return False
+    if size - HEADER_SIZE < payload_size:
+        return False
+    return b.prev_phys == NONE_OFFSET or (b.prev_phys < off and b.prev_phys >= FIRST_BLOCK)
+
+
 cdef uint64_t block_payload_capacity(uint8_t* base, uint64_t payload) noexcept nogil:
     return bsize(hdr(base, payload - HEADER_SIZE)) - HEADER_SIZE
 

@@ -2,8 +2,9 @@
 reference to it, and who waits for it.
 
 An object is inline (small: its serialized bytes live here and travel in
-messages), in the shared-memory store (large: the node manager holds the pin
-on this primary copy, so it is never evicted while referenced), or an error
+messages), in the shared-memory store (large: its writer seals it with a
+primary pin, which the node manager adopts here, so this primary copy is
+never evicted while referenced), or an error
 (inline bytes of an exception: a task that depends on one fails with it).
 
 Lifetime, as in Ray's reference counting. An object lives while any of these
@@ -108,6 +109,8 @@ class ObjectDirectory:
         entry = self.entries.get(object_id)
         if entry is None:
             if owner is None:
+                if kind == IN_STORE:   # nobody wants it: drop it and its primary pin
+                    self._delete_from_store(object_id)
                 return None            # result of a task whose owner gave up on it
             entry = self.entries[object_id] = ObjectEntry(owner)
         elif owner is not None and entry.owner is not owner:
@@ -121,8 +124,8 @@ class ObjectDirectory:
         if kind == IN_STORE:
             entry.size = payload
             entry.data = None
-            try:
-                entry.pin = self.store.get(object_id)
+            try:   # take over the pin its writer left at seal: never evictable
+                entry.pin = self.store.adopt_primary(object_id)
             except KeyError:
                 entry.pin = None       # evicted already: readers will see it lost
         else:
@@ -217,11 +220,14 @@ class ObjectDirectory:
             del self.entries[object_id]
             if entry.kind == IN_STORE:
                 entry.pin = None
-                try:
-                    self.store.delete(object_id)
-                except KeyError:
-                    pass
+                self._delete_from_store(object_id)
             pending.extend(self._release_contents(entry))
+
+    def _delete_from_store(self, object_id):
+        try:
+            self.store.delete(object_id)
+        except KeyError:
+            pass
 
     def _release_contents(self, entry):
         inner_ids, entry.contains = entry.contains or (), None

@@ -197,6 +197,8 @@ class NodeManager:
             return                  # already handled (an actor killed for a restart)
         worker.dead = True
         self.pool.remove(worker.worker_id)
+        # Results and puts it sealed but never reported: evictable from now on.
+        self.store.release_primaries_of(worker.pid)
         if worker.actor is not None:
             self.actors.worker_died(worker)
         else:

@@ -1,13 +1,16 @@
 """The node's shared-memory object store (Cython core in minray/_core/store.pyx).
 
 `SharedStore` is the raw store: create / seal / get / release / delete of
-byte objects with pins and LRU eviction.  `put_value` and `get_value` combine
-it with minray.serialization to store Python values, numpy arrays zero-copy.
+byte objects with pins and LRU eviction, and the primary pins that keep task
+results and puts from being evicted before the node manager adopts them.
+`write_serialized`, `put_value` and `get_value` combine it with
+minray.serialization to store Python values, numpy arrays zero-copy.
 """
 import os
 
 
 from minray._core.store import OBJECT_ID_SIZE, SHM_DIR, PinnedBuffer, SharedStore
+from minray.exceptions import ObjectExistsError
 from minray.serialization import deserialize, serialize
 
 __all__ = [
@@ -37,12 +40,24 @@ def store_name(session, node):
     return f"minray-{session}-{node}"
 
 
-def write_serialized(store, object_id, serialized):
+def write_serialized(store, object_id, serialized, primary=True):
     """Create, fill and seal an object from a SerializedObject.
+
+    primary=True (task results and puts): the object is sealed holding the
+    primary pin, so it cannot be evicted before the node manager adopts it
+    (SharedStore.adopt_primary).  If a sealed object with this id is already
+    there (a retried task writing the same result again), that copy stands
+    in for this one: it takes the primary pin and nothing is written.
+    Returns True if this call wrote the object, False if it reused one.
 
     If writing fails, the half-written object is aborted: nothing is left.
     """
-    buf = store.create_object(object_id, serialized.total_size, serialized.metadata)
+    try:
+        buf = store.create_object(object_id, serialized.total_size, serialized.metadata)
+    except ObjectExistsError:
+        if primary and store.hold_primary(object_id):
+            return False
+        raise
     written = False
     try:
         serialized.write_to(buf)
@@ -51,12 +66,16 @@ def write_serialized(store, object_id, serialized):
         buf = None            # drop our view: seal and abort release the buffer
         if not written:
             store.abort(object_id)
-    store.seal(object_id)
+    store.seal(object_id, primary)
+    return True
 
 
-def put_value(store, object_id, value):
-    """Serialize `value` straight into the store under `object_id` and seal it."""
-    write_serialized(store, object_id, serialize(value))
+def put_value(store, object_id, value, primary=False):
+    """Serialize `value` straight into the store under `object_id` and seal it.
+
+    Without primary the object is evictable as soon as nobody pins it.
+    """
+    write_serialized(store, object_id, serialize(value), primary)
 
 
 def get_value(store, object_id):
