@@ -437,11 +437,12 @@ def test_a_control_store_subscriber_that_stops_reading_is_dropped(tmp_path, monk
         stalled.sendall(wire.encode((1, "sub", ("tasks", None))))
         assert wire.FrameReader(stalled).read() == (1, True, None)
 
-        # 40 MB of changes it never reads: dropped once 4 MiB more pile up.
+        # 40 MB of changes it never reads, one published frame per write
+        # (each flushed on its own): dropped once 4 MiB more pile up.
         value = os.urandom(100_000)
         for i in range(400):
             writer.put("tasks", b"k%d" % i, value)
-        writer.flush(wait=True)
+            writer.flush(wait=True)
         log_path = os.path.join(session, "logs", "gcs-0.log")
         poll(lambda: "it stopped reading" in open(log_path).read(), 30,
              what="the stalled subscriber to be dropped")
