@@ -80,9 +80,7 @@ class CoreClient:
         self.tasks = collections.deque()   # worker: dispatched, not started
         self.executing = False
         self.lending = 0             # worker: inside get/wait with its CPU lent out
-        self.current_task_id = root_task_id
-        self.task_index = 0
-        self.put_index = 0
+        self.start_task(root_task_id)
         self.welcome = None
         self.store = None
         self.futures = None          # RefFutures, made on the first ref.future()
@@ -383,9 +381,14 @@ class CoreClient:
     def next_task_id(self):
         if self.concurrent:      # several calls at once share no per-call counter
             return ids.child_task_id(self.actor_id, next(self.shared_counter))
-        task_id = ids.child_task_id(self.current_task_id, self.task_index)
-        self.task_index += 1
-        return task_id
+        # next() of a count is atomic: threads of one driver never share an id.
+        return ids.child_task_id(self.current_task_id, next(self.task_counter))
+
+    def start_task(self, task_id):
+        """Ids made from now on derive from this task (and restart counting)."""
+        self.current_task_id = task_id
+        self.task_counter = itertools.count()
+        self.put_counter = itertools.count(1)
 
     def export_function(self, function_id, pickled, name):
         if function_id not in self.exported:
@@ -441,8 +444,7 @@ class CoreClient:
     def next_put_id(self):
         if self.concurrent:
             return ids.put_object_id(self.actor_id, next(self.shared_counter))
-        self.put_index += 1
-        return ids.put_object_id(self.current_task_id, self.put_index)
+        return ids.put_object_id(self.current_task_id, next(self.put_counter))
 
     def _missing(self, object_ids):
         missing = [o for o in object_ids if o not in self.objects]

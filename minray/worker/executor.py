@@ -103,9 +103,7 @@ class Executor:
         client = self.client
         return_ids = [ids.return_object_id(task_id, i) for i in range(1, num_returns + 1)]
         if self.concurrency is None:
-            client.current_task_id = task_id
-            client.task_index = 0
-            client.put_index = 0
+            client.start_task(task_id)
         self.set_gpus(gpu_ids)
         started = time.perf_counter()
         error_text = result = None
@@ -138,7 +136,7 @@ class Executor:
          max_concurrency, is_async) = message
         client = self.client
         client.actor_id = actor_id
-        client.current_task_id = actor_id
+        client.start_task(actor_id)
         self.set_gpus(gpu_ids)            # CUDA_VISIBLE_DEVICES before __init__ runs
         meta = data = error_text = None
         try:
