@@ -395,6 +395,11 @@ class GcsClient:
                     self._wake.notify()
                 self._dirty.add(number)
 
+    def unsent_writes(self):
+        """Writes buffered here and not yet sent (a shard that is away makes
+        them pile up). Read without locks: an estimate for backpressure."""
+        return sum(len(shard.pending) for shard in self.shards)
+
     def flush(self, wait=True):
         """Send buffered writes; with wait, until every shard acknowledged them."""
         for shard in self.shards:

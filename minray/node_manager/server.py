@@ -35,6 +35,7 @@ from minray.exceptions import (
     ObjectLostError, TaskUnschedulableError, WorkerCrashedError,
 )
 from minray.node_manager.actors import ActorManager
+from minray.node_manager.lineage import LineageLog
 from minray.node_manager.objects import ERROR, IN_STORE, ObjectTable
 from minray.node_manager.workers import WorkerPool
 from minray.object_store import SharedStore
@@ -104,8 +105,9 @@ class NodeManager:
         self.idle = []
         self.drivers = set()
         self.code_paths = []       # drivers' script directories, for workers' sys.path
-        self.gcs = gcs_client
-        self.gcs_backlog = []       # log entries made before the control store was up
+        self.lineage = LineageLog(node_id, lambda object_id: object_id in self.objects.entries)
+        if gcs_client is not None:
+            self.lineage.start(lambda: gcs_client)
         self.schedule_pending = False
         # Dispatch once per batch of incoming messages, right before replies
         # are written: one event-loop iteration per batch, not one per step.
@@ -145,12 +147,8 @@ class NodeManager:
         watchdog = asyncio.ensure_future(self._watchdog(parent_pid))
         if connect_gcs is not None:
             # Serve drivers and workers at once; the control store (started in
-            # parallel on the head) only receives our log, which can wait.
-            gcs = await loop.run_in_executor(None, connect_gcs)
-            backlog, self.gcs_backlog = self.gcs_backlog, []
-            self.gcs = gcs
-            for table, key, value in backlog:
-                gcs.put(table, key, value)
+            # parallel on the head) only receives our log, written off the loop.
+            self.lineage.start(connect_gcs)
         await self.stopping.wait()
         watchdog.cancel()
         server.close()
@@ -170,11 +168,7 @@ class NodeManager:
 
     def shutdown(self):
         self.pool.stop_all()
-        if self.gcs is not None:
-            try:
-                self.gcs.close()
-            except Exception:
-                log.exception("closing the control store client")
+        self.lineage.close()
         self.objects.entries.clear()
         self.store.close()
         try:
@@ -237,7 +231,10 @@ class NodeManager:
         elif what == "stats":
             result = {"objects": self.objects.stats(), "tasks": len(self.tasks),
                       "workers": len(self.pool.workers), "ready": self.queues.num_ready,
-                      "waiting": self.queues.num_waiting, "store": self.store.stats()}
+                      "waiting": self.queues.num_waiting, "store": self.store.stats(),
+                      "lineage": self.lineage.stats()}
+        elif what == "errors":
+            result = self.lineage.errors()
         else:
             result = None
         conn.send(("info", request_id, result))
@@ -368,9 +365,9 @@ class NodeManager:
     def report_error_text(self, name, task_id, text):
         for driver in self.drivers:
             driver.send(("error", text))
-        self._log("errors", os.urandom(8), {
+        self.lineage.log_error({
             "type": "actor", "function": name, "task_id": task_id.hex(), "message": text,
-            "time": time.time(), "node": self.node_id.hex()})
+            "time": time.time()})
 
     def _finish(self, task, state):
         self.tasks.pop(task.task_id, None)
@@ -382,13 +379,11 @@ class NodeManager:
     def report_error(self, task, text):
         for driver in self.drivers:
             driver.send(("error", text))
-        self._log("errors", os.urandom(8), {
-                "type": "task", "function": task.spec[2], "task_id": task.task_id.hex(),
-                "message": text, "time": time.time(), "node": self.node_id.hex()})
-        if self.gcs is not None:
-            # Sent before the failed result reaches the driver, so error_info()
-            # called right after get() raised already sees it.
-            self.gcs.flush(wait=False)
+        # Kept in memory before the failed result reaches the driver, so
+        # error_info() called right after get() raised already sees it.
+        self.lineage.log_error({
+            "type": "task", "function": task.spec[2], "task_id": task.task_id.hex(),
+            "message": text, "time": time.time()})
 
     def on_done(self, conn, items):
         worker = conn.worker
@@ -613,10 +608,7 @@ class NodeManager:
 
     # ------------------------------------------------------------ control store log
     def _log(self, table, key, value):
-        if self.gcs is not None:
-            self.gcs.put(table, key, value)
-        else:
-            self.gcs_backlog.append((table, key, value))
+        self.lineage.log(table, key, value)
 
     def _log_task(self, task, state):
         """One record per task, when it ends: its spec (the lineage) and state.
@@ -624,26 +616,10 @@ class NodeManager:
         Tasks still queued or running are listed by the node manager itself
         (info "tasks"), so the control store takes one write per task.
         """
-        if len(task.spec) == 6:           # an actor call
-            task_id, actor_id, method, _, _, num_returns = task.spec
-            self._log("tasks", task_id, {
-                "name": method, "state": state, "actor_id": actor_id.hex(),
-                "num_returns": num_returns, "node": self.node_id.hex(), "time": time.time(),
-                "spec": task.spec})
-            return
-        task_id, function_id, name, args, kwarg_names, num_returns, resources, _ = task.spec
-        self._log("tasks", task_id, {
-            "name": name, "state": state, "function_id": function_id.hex(),
-            "num_returns": num_returns, "resources": resources,
-            "node": self.node_id.hex(), "time": time.time(), "spec": task.spec})
+        self.lineage.log_task(task.spec, state)
 
     def _log_object(self, object_id, entry, task_id):
-        if entry is None:
-            return
-        self._log("objects", object_id, {
-            "kind": {"v": "inline", "s": "store", "e": "error"}[entry.kind],
-            "size": entry.size, "node": self.node_id.hex(),
-            "task_id": task_id.hex() if task_id else None})
+        self.lineage.log_object(object_id, entry, task_id)
 
 
 def _lent(lease):
