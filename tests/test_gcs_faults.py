@@ -291,3 +291,22 @@ def test_records_are_trimmed_except_what_lineage_needs(control_store):
         assert counts()["tasks"] == 100
     finally:
         lineage.close()
+
+
+def test_big_inline_arguments_shorten_the_kept_history(control_store):
+    g, client = control_store
+    lineage = LineageLog(os.urandom(16), lambda object_id: False, task_history=1000,
+                         task_history_bytes=200 * 1024, gather_s=0.001)
+    lineage.start(lambda: client)
+    try:
+        for i in range(100):                # 10 KB inline argument each
+            lineage.log_task(_spec(i, [("v", b"", os.urandom(10 * 1024))]), "FINISHED")
+
+        def records():
+            return sum(info["entries"]["tasks"] for info in client.info())
+        # 200 KB hold 19 records of 10 KB + the record itself (200 B).
+        poll(lambda: records() == 19, timeout=60, what=f"19 records (now {records()})")
+        assert client.get("tasks", (99).to_bytes(16, "big"))["state"] == "FINISHED"
+        assert client.get("tasks", (80).to_bytes(16, "big")) is None
+    finally:
+        lineage.close()

@@ -13,14 +13,14 @@ the control store ends up with their current state once it is back.
 
 What stays in the control store (docs/control-store.md, "What is kept"):
 
-- tasks: one record per finished task (its spec, with inline arguments, and
-  its end state). A record is kept while lineage may need it: while any of
-  the task's returns is still held on this node, or while the kept record of
-  a later task takes one of its returns as an argument. Records no longer
-  needed are kept as recent history, newest `task_history` of them; older
-  ones are deleted.
-- objects: one record per put and per task result in the shared store; kept
-  while the object is held on this node, plus the newest `object_history`.
+- tasks: one record per finished task (its spec, inline arguments included,
+  and its end state). The table holds the newest `task_history` records
+  (and at most `task_history_bytes` of them); older ones are deleted, oldest
+  first, unless lineage may still need them: while any of the task's
+  returns is held on this node, or while the kept record of a later task
+  takes one of its returns as an argument, a record stays.
+- objects: one record per put and per task result in the shared store; the
+  newest `object_history`, and beyond that those of objects still held here.
 - errors: the newest `error_history`.
 
 error_info() must see an error as soon as the failed task's result reached
@@ -41,7 +41,9 @@ MAX_QUEUED = 20_000                  # entries waiting for the control store ...
 MAX_QUEUED_BYTES = 64 << 20          # ... and the inline argument bytes they hold
 CLIENT_BACKLOG = 2_000               # writes the client may buffer unsent
 GATHER_S = 0.05                      # let a burst of entries gather into big batches
-TASK_HISTORY = 10_000                # finished tasks lineage no longer needs, kept
+TASK_HISTORY = 10_000                # task records kept beyond those lineage needs ...
+TASK_HISTORY_BYTES = 32 << 20        # ... and their bytes (inline arguments can be big)
+TASK_RECORD_BYTES = 200              # a record's size besides its inline arguments
 OBJECT_HISTORY = 10_000              # records of objects no longer held, kept
 ERROR_HISTORY = 10_000
 RECENT_ERRORS = 1_000                # kept in memory for error_info()
@@ -103,14 +105,15 @@ class LineageLog:
 
     def __init__(self, node_id, is_held, max_queued=MAX_QUEUED,
                  max_queued_bytes=MAX_QUEUED_BYTES, task_history=TASK_HISTORY,
-                 object_history=OBJECT_HISTORY, error_history=ERROR_HISTORY,
-                 gather_s=GATHER_S):
+                 task_history_bytes=TASK_HISTORY_BYTES, object_history=OBJECT_HISTORY,
+                 error_history=ERROR_HISTORY, gather_s=GATHER_S):
         self.node_id = node_id
         self.node_hex = node_id.hex()
         self._is_held = is_held
         self.max_queued = max_queued
         self.max_queued_bytes = max_queued_bytes
         self.task_history = task_history
+        self.task_history_bytes = task_history_bytes
         self.object_history = object_history
         self.error_history = error_history
         self.gather_s = gather_s
@@ -132,7 +135,8 @@ class LineageLog:
         self.written = 0
         self.deleted = 0
         self.gcs = None
-        self._task_order = collections.deque()     # (task id, number of returns)
+        self._task_order = collections.deque()     # (task id, number of returns, bytes)
+        self._task_bytes = 0                        # of the records in _task_order
         self._object_order = collections.deque()
         self._error_order = collections.deque()
         self._pins = {}               # task id -> kept records taking its results
@@ -298,9 +302,12 @@ class LineageLog:
             # Bookkeeping first: a put that raises has still buffered its write.
             if kind == _TASK:
                 _, spec, state, when = item
-                self._bytes_out += inline_bytes(spec[3])
+                size = inline_bytes(spec[3])
+                self._bytes_out += size
                 task_id = spec[0]
-                self._task_order.append((task_id, spec[5]))
+                size += TASK_RECORD_BYTES
+                self._task_order.append((task_id, spec[5], size))
+                self._task_bytes += size
                 self._pin_producers(task_id, spec[3])
                 gcs.put("tasks", task_id, task_record(spec, state, when, self.node_id))
             elif kind == _OBJECT:
@@ -348,13 +355,16 @@ class LineageLog:
         budget = TRIM_CHECKS + 2 * written
         order = self._task_order
         excess = len(order) - self.task_history
-        while excess > 0 and budget > 0 and order:
+        while ((excess > 0 or self._task_bytes > self.task_history_bytes)
+               and budget > 0 and order):
             budget -= 1
-            task_id, num_returns = order.popleft()
-            if self._task_needed(task_id, num_returns):
-                order.append((task_id, num_returns))     # looked at again later
+            record = order.popleft()
+            task_id = record[0]
+            if self._task_needed(task_id, record[1]):
+                order.append(record)                     # looked at again later
                 continue
             gcs.delete("tasks", task_id)
+            self._task_bytes -= record[2]
             self.deleted += 1
             excess -= 1
             for producer in self._pinned_by.pop(task_id, ()):
