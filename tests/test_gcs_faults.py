@@ -241,7 +241,7 @@ def test_a_full_log_drops_with_a_counted_warning_and_never_blocks(control_store,
          what="100 task records")
     poll(lambda: client.get("actors", b"a" * 16) == {"state": "ALIVE"}, timeout=60,
          what="the actor record")
-    assert client.get("tasks", (99).to_bytes(16, "big"))["state"] == "FINISHED"
+    assert client.get("tasks", (99).to_bytes(16, "big"))[0] == "FINISHED"
     assert client.get("tasks", (100).to_bytes(16, "big")) is None
     lineage.close()
 
@@ -270,10 +270,10 @@ def test_records_are_trimmed_except_what_lineage_needs(control_store):
         poll(lambda: counts() == {"tasks": 100, "errors": 10}, timeout=60,
              what=f"trimmed tables (now {counts()})")
         kept = client.get_many("tasks", [(i).to_bytes(16, "big") for i in (1, 2, 3, 902, 1002)])
-        assert kept[0]["spec"][0] == (1).to_bytes(16, "big")        # pinned by task 2
-        assert kept[1]["state"] == "FINISHED"                      # result held
+        assert kept[0][3][0] == (1).to_bytes(16, "big")        # pinned by task 2
+        assert kept[1][0] == "FINISHED"                      # result held
         assert kept[2] is None                                     # oldest, not needed
-        assert kept[3] is None and kept[4]["spec"][3][0][2] == b"x" * 100
+        assert kept[3] is None and kept[4][3][3][0][2] == b"x" * 100
         errors = [v["message"] for _, v in client.scan("errors")]
         assert sorted(errors, key=int) == [str(i) for i in range(190, 200)]
         # Dropping the held result lets task 2's record go, and with it task
@@ -306,7 +306,7 @@ def test_big_inline_arguments_shorten_the_kept_history(control_store):
             return sum(info["entries"]["tasks"] for info in client.info())
         # 200 KB hold 19 records of 10 KB + the record itself (200 B).
         poll(lambda: records() == 19, timeout=60, what=f"19 records (now {records()})")
-        assert client.get("tasks", (99).to_bytes(16, "big"))["state"] == "FINISHED"
+        assert client.get("tasks", (99).to_bytes(16, "big"))[0] == "FINISHED"
         assert client.get("tasks", (80).to_bytes(16, "big")) is None
     finally:
         lineage.close()

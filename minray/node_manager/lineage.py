@@ -34,12 +34,14 @@ import threading
 import time
 
 from minray import ids
+from minray.gcs.tables import encode_value
 
 log = logging.getLogger("minray.node_manager")
 
 MAX_QUEUED = 20_000                  # entries waiting for the control store ...
 MAX_QUEUED_BYTES = 64 << 20          # ... and the inline argument bytes they hold
 CLIENT_BACKLOG = 2_000               # writes the client may buffer unsent
+DRAIN_CHUNK = 1_000                  # records built and handed over at a time
 GATHER_S = 0.05                      # let a burst of entries gather into big batches
 TASK_HISTORY = 10_000                # task records kept beyond those lineage needs ...
 TASK_HISTORY_BYTES = 32 << 20        # ... and their bytes (inline arguments can be big)
@@ -56,42 +58,35 @@ TRIM_CHECKS = 1_000                  # per drain, besides two per record written
 _PUT, _TASK, _OBJECT, _ERROR = 0, 1, 2, 3
 _KIND_NAMES = {_PUT: "record", _TASK: "task", _OBJECT: "object", _ERROR: "error"}
 _OBJECT_KINDS = {"v": "inline", "s": "store", "e": "error"}
-
-
-def inline_bytes(args):
-    """Bytes of a spec's inline argument values ("v", meta, data)."""
-    size = 0
-    for arg in args:
-        if arg[0] == "v":
-            size += len(arg[2])
-    return size
+_FIRST_RETURN = ids.return_object_id(b"", 1)      # a task's first return: task id + this
 
 
 def task_record(spec, state, when, node_id):
-    """The tasks table's value for a finished task.
+    """The tasks table's value for a finished task: (state, end time, node
+    id, spec).
 
-    Only the spec (which holds the name, function or actor id, arguments,
-    number of returns and resources) and what the spec lacks: saying the
-    name or ids a second time would cost bytes on every task.
+    The spec holds the name, function or actor id, arguments, number of
+    returns and resources; the record adds only what the spec lacks, as a
+    tuple: names or ids said twice, or dict keys, would cost bytes (and
+    pickling time) on every task.
     """
-    return {"state": state, "time": when, "node": node_id, "spec": spec}
+    return (state, when, node_id, spec)
 
 
 def describe_task_record(value):
     """A tasks-table value as the readable row minray.state shows."""
-    if not isinstance(value, dict) or "spec" not in value:
+    if not isinstance(value, tuple) or len(value) != 4:
         return value
-    spec = value["spec"]
-    row = {"name": spec[2], "state": value.get("state")}
+    state, when, node_id, spec = value
+    row = {"name": spec[2], "state": state}
     if len(spec) == 6:                       # an actor call
         row["actor_id"] = spec[1].hex()
     else:
         row["function_id"] = spec[1].hex()
         row["resources"] = spec[6]
     row["num_returns"] = spec[5]
-    node = value.get("node")
-    row["node"] = node.hex() if isinstance(node, bytes) else node
-    row["time"] = value.get("time")
+    row["node"] = node_id.hex()
+    row["time"] = when
     row["spec"] = spec
     return row
 
@@ -163,9 +158,18 @@ class LineageLog:
         self._append((_PUT, table, key, value), 0)
 
     def log_task(self, spec, state):
-        size = inline_bytes(spec[3])
-        if self._fits(size):
-            self._append((_TASK, spec, state, time.time()), size)
+        # Once per task on the event loop: kept to a few operations.
+        size = 0
+        for arg in spec[3]:
+            if arg[0] == "v":
+                size += len(arg[2])
+        if (len(self._queue) < self.max_queued
+                and self._bytes_in - self._bytes_out + size <= self.max_queued_bytes):
+            self._bytes_in += size
+            self._queue.append((_TASK, spec, state, time.time(), size))
+            if not self._signalled:
+                self._signalled = True
+                self._wake.set()
         else:
             self._drop(_TASK)
 
@@ -292,44 +296,54 @@ class LineageLog:
 
     def _drain(self, closing=False):
         """Write what is queued; False if the client's buffer filled first."""
-        gcs, queue, written = self.gcs, self._queue, 0
-        while queue:
-            if not closing and written % 500 == 0 and gcs.unsent_writes() > CLIENT_BACKLOG:
-                break                    # the control store is not taking writes
+        gcs, queue = self.gcs, self._queue
+        while queue or self._coalesced:
+            if not closing and gcs.unsent_writes() > CLIENT_BACKLOG:
+                return False             # the control store is not taking writes
+            writes = self._records(DRAIN_CHUNK)
+            self.written += len(writes)
+            self._trim(len(writes), writes)
+            gcs.write_encoded(writes)
+        gcs.flush(wait=False)
+        return True
+
+    def _records(self, limit):
+        """Up to limit queued entries as control-store writes."""
+        queue, writes = self._queue, []
+        task_order, object_order = self._task_order, self._object_order
+        node_id, node_hex = self.node_id, self.node_hex
+        while queue and len(writes) < limit:
             item = queue.popleft()
             kind = item[0]
-            written += 1
-            # Bookkeeping first: a put that raises has still buffered its write.
             if kind == _TASK:
-                _, spec, state, when = item
-                size = inline_bytes(spec[3])
+                _, spec, state, when, size = item
                 self._bytes_out += size
                 task_id = spec[0]
                 size += TASK_RECORD_BYTES
-                self._task_order.append((task_id, spec[5], size))
+                task_order.append((task_id, spec[5], size))
                 self._task_bytes += size
-                self._pin_producers(task_id, spec[3])
-                gcs.put("tasks", task_id, task_record(spec, state, when, self.node_id))
+                for arg in spec[3]:
+                    if arg[0] == "r":
+                        self._pin_producers(task_id, spec[3])
+                        break
+                writes.append(("tasks", task_id,
+                               encode_value(task_record(spec, state, when, node_id))))
             elif kind == _OBJECT:
                 _, object_id, object_kind, size, task_id = item
-                self._object_order.append(object_id)
-                gcs.put("objects", object_id, {
-                    "kind": _OBJECT_KINDS[object_kind], "size": size, "node": self.node_hex,
-                    "task_id": task_id.hex() if task_id else None})
+                object_order.append(object_id)
+                writes.append(("objects", object_id, encode_value({
+                    "kind": _OBJECT_KINDS[object_kind], "size": size, "node": node_hex,
+                    "task_id": task_id.hex() if task_id else None})))
             elif kind == _ERROR:
                 self._error_order.append(item[1])
-                gcs.put("errors", item[1], item[2])
+                writes.append(("errors", item[1], encode_value(item[2])))
             else:
-                gcs.put(item[1], item[2], item[3])
+                writes.append((item[1], item[2], encode_value(item[3])))
         coalesced = self._coalesced
-        while coalesced and not queue:
+        while coalesced and not queue and len(writes) < limit:
             (table, key), value = coalesced.popitem()
-            gcs.put(table, key, value)
-            written += 1
-        self.written += written
-        self._trim(written)
-        gcs.flush(wait=False)
-        return not queue and not coalesced
+            writes.append((table, key, encode_value(value)))
+        return writes
 
     def _pin_producers(self, task_id, args):
         # The task that made a ref argument is needed as long as this record
@@ -344,14 +358,16 @@ class LineageLog:
                 pins[producer] = pins.get(producer, 0) + 1
 
     def _task_needed(self, task_id, num_returns):
-        if self._pins.get(task_id):
+        if self._pins and task_id in self._pins:
             return True
+        if num_returns == 1:
+            return self._is_held(task_id + _FIRST_RETURN)
         is_held = self._is_held
         return any(is_held(ids.return_object_id(task_id, i)) for i in range(1, num_returns + 1))
 
-    def _trim(self, written):
-        """Delete the oldest records nobody needs beyond the history sizes."""
-        gcs = self.gcs
+    def _trim(self, written, writes):
+        """Delete (append to writes) the oldest records nobody needs beyond
+        the history sizes."""
         budget = TRIM_CHECKS + 2 * written
         order = self._task_order
         excess = len(order) - self.task_history
@@ -363,7 +379,7 @@ class LineageLog:
             if self._task_needed(task_id, record[1]):
                 order.append(record)                     # looked at again later
                 continue
-            gcs.delete("tasks", task_id)
+            writes.append(("tasks", task_id, None))
             self._task_bytes -= record[2]
             self.deleted += 1
             excess -= 1
@@ -381,12 +397,12 @@ class LineageLog:
             if self._is_held(object_id):
                 order.append(object_id)
                 continue
-            gcs.delete("objects", object_id)
+            writes.append(("objects", object_id, None))
             self.deleted += 1
             excess -= 1
         order = self._error_order
         while len(order) > self.error_history:
-            gcs.delete("errors", order.popleft())
+            writes.append(("errors", order.popleft(), None))
             self.deleted += 1
 
 
