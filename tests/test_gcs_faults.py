@@ -39,7 +39,7 @@ def cluster():
 
 def wait_until_logging():
     """Until the node manager's log reaches the control store (started in parallel)."""
-    poll(lambda: minray.api._client().request_info("stats")["lineage"]["connected"],
+    poll(lambda: lineage_stats()["connected"],
          timeout=60, what="the node manager to connect to the control store")
 
 
@@ -94,10 +94,15 @@ def check_tasks_and_errors_while_faulty(marker):
         minray.get(fail.remote(marker), timeout=30)
 
 
+def lineage_stats():
+    return minray.api._client().request_info("stats")["lineage"]
+
+
 def assert_control_store_serves_the_log(marker, session_dir):
-    """Once back, the control store has the error and takes the log again."""
-    poll(lambda: any(marker in e.get("message", "") for e in minray.error_info()),
-         timeout=60, what="the error in error_info()")
+    """Once back, the control store takes the waiting log, then new records."""
+    assert any(marker in e.get("message", "") for e in minray.error_info())
+    poll(lambda: lineage_stats()["queued"] == 0, timeout=60,
+         what="the node manager's waiting log to be written")
     refs = [square.remote(i) for i in range(20)]
     assert minray.get(refs, timeout=30) == [i * i for i in range(20)]
     wanted = {r.task_id().hex() for r in refs}
@@ -107,11 +112,9 @@ def assert_control_store_serves_the_log(marker, session_dir):
         return wanted <= rows
     poll(recorded, timeout=60, what="new tasks in the control store's tasks table")
     # Records that could not wait (the queue was full) were counted and said.
-    dropped = minray.api._client().request_info("stats")["lineage"]["dropped"]
-    if dropped:
+    if lineage_stats()["dropped"]:
         with open(os.path.join(session_dir, "logs", "node_manager.log")) as f:
             assert "dropped" in f.read()
-    return dropped
 
 
 def test_tasks_keep_running_while_the_control_store_is_stopped(cluster):
@@ -267,8 +270,12 @@ def test_records_are_trimmed_except_what_lineage_needs(control_store):
         def counts():
             return {t: sum(i["entries"][t] for i in client.info())
                     for t in ("tasks", "errors")}
-        poll(lambda: counts() == {"tasks": 100, "errors": 10}, timeout=60,
-             what=f"trimmed tables (now {counts()})")
+        def trimmed():
+            # The last error was written in the same batch as its trimming,
+            # after every task record.
+            errors = [v["message"] for _, v in client.scan("errors")]
+            return "199" in errors and counts() == {"tasks": 100, "errors": 10}
+        poll(trimmed, timeout=60, what=f"trimmed tables (now {counts()})")
         kept = client.get_many("tasks", [(i).to_bytes(16, "big") for i in (1, 2, 3, 902, 1002)])
         assert kept[0][3][0] == (1).to_bytes(16, "big")        # pinned by task 2
         assert kept[1][0] == "FINISHED"                      # result held
@@ -305,7 +312,8 @@ def test_big_inline_arguments_shorten_the_kept_history(control_store):
         def records():
             return sum(info["entries"]["tasks"] for info in client.info())
         # 200 KB hold 19 records of 10 KB + the record itself (200 B).
-        poll(lambda: records() == 19, timeout=60, what=f"19 records (now {records()})")
+        poll(lambda: client.get("tasks", (99).to_bytes(16, "big")) is not None
+             and records() == 19, timeout=60, what=f"19 records (now {records()})")
         assert client.get("tasks", (99).to_bytes(16, "big"))[0] == "FINISHED"
         assert client.get("tasks", (80).to_bytes(16, "big")) is None
     finally:

@@ -261,8 +261,11 @@ class LineageLog:
             self._wake.wait()
             if not self._closing:
                 time.sleep(self.gather_s)
-            self._signalled = False
+            # Clear, then lower the flag: an append in between sees the flag
+            # still up and does not signal, but this pass drains it. The
+            # other order could lose the wake-up of an append for good.
             self._wake.clear()
+            self._signalled = False
             closing = self._closing
             try:
                 done = self._drain(closing)
@@ -299,7 +302,11 @@ class LineageLog:
         gcs, queue = self.gcs, self._queue
         while queue or self._coalesced:
             if not closing and gcs.unsent_writes() > CLIENT_BACKLOG:
-                return False             # the control store is not taking writes
+                # The control store has not taken writes for a while: send
+                # (this waits while it is away) before buffering more.
+                gcs.flush(wait=False)
+                if gcs.unsent_writes() > CLIENT_BACKLOG:
+                    return False
             writes = self._records(DRAIN_CHUNK)
             self.written += len(writes)
             self._trim(len(writes), writes)
