@@ -7,7 +7,8 @@ loop only appends entries to a bounded in-memory queue (`log_task`,
 records and writes them through a GcsClient. Appending takes no lock that a
 network call holds. When the queue is full (the control store has been away
 for a while), task, object and error entries are dropped and counted, with a
-warning in the node manager's log at most every 10 s; actor, function and
+warning in the node manager's log at most every 10 s and a total once the
+control store takes the log again; actor, function and
 node records are coalesced instead (the newest value of each key is kept), so
 the control store ends up with their current state once it is back.
 
@@ -122,8 +123,10 @@ class LineageLog:
         self._signalled = False
         self._wake = threading.Event()
         self._closing = False
+        self._closed = threading.Event()
         # The loop's own counters.
         self.dropped = collections.Counter()
+        self.dropped_total = 0
         self._dropped_since_warning = 0
         self._last_warning = 0.0
         # The writer's own state.
@@ -137,11 +140,14 @@ class LineageLog:
         self._pins = {}               # task id -> kept records taking its results
         self._pinned_by = {}          # task id -> producers its record pins
         self._last_error_log = 0.0
+        self._reported_drops = 0
         self._thread = None
 
     # ------------------------------------------------------------ event loop side
     def start(self, connect):
         """Start the writer; it calls connect() (blocking) for its GcsClient."""
+        if self._thread is not None:
+            raise RuntimeError("the lineage log was started already")
         self._thread = threading.Thread(target=self._run, args=(connect,), daemon=True,
                                         name="minray-lineage")
         self._thread.start()
@@ -220,6 +226,7 @@ class LineageLog:
 
     def _drop(self, kind):
         self.dropped[kind] += 1
+        self.dropped_total += 1
         self._dropped_since_warning += 1
         now = time.monotonic()
         if now - self._last_warning >= WARN_INTERVAL_S:
@@ -233,6 +240,7 @@ class LineageLog:
     def close(self, timeout=CLOSE_TIMEOUT_S):
         """Write what is queued and close the client, waiting at most timeout."""
         self._closing = True
+        self._closed.set()
         self._wake.set()
         if self._thread is None:
             return
@@ -254,7 +262,7 @@ class LineageLog:
                 log.error("cannot reach the control store (%s); retrying in %.1f s; "
                           "tasks run meanwhile, their records wait (up to %d)",
                           exc, delay, self.max_queued)
-                self._wake.wait(delay)
+                self._closed.wait(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
         delay = 0.1
         while True:
@@ -285,6 +293,12 @@ class LineageLog:
                 break
             if not done:
                 self._wake.set()          # more to write once the client caught up
+            elif self.dropped_total > self._reported_drops:
+                total = self.dropped_total
+                log.warning("the control store takes the log again; %d log entries were "
+                            "dropped while it did not (%d since this node started)",
+                            total - self._reported_drops, total)
+                self._reported_drops = total
         try:
             self.gcs.close()
         except Exception:
