@@ -308,10 +308,16 @@ def get_gpu_ids():
 
 
 def error_info():
-    """Errors recorded in the control store (failed tasks), oldest first."""
+    """Errors of failed tasks and actors, oldest first.
+
+    The node manager writes errors to the control store in the background;
+    the newest ones it still holds in memory, so an error shows up here as
+    soon as the failed task's get() raised.
+    """
     gcs = _runtime_gcs_client()
     if gcs is None:
         raise RuntimeError("minray is not initialized: call minray.init() first")
-    gcs.flush()
-    rows = [value for _, value in gcs.scan("errors")]
-    return sorted(rows, key=lambda r: r.get("time", 0))
+    recent = _client().request_info("errors") or []
+    rows = {key.hex(): value for key, value in gcs.scan("errors")}
+    rows.update(recent)
+    return sorted(rows.values(), key=lambda r: r.get("time", 0))

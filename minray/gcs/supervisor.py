@@ -12,10 +12,21 @@ from minray.spawn import python_argv
 
 log = logging.getLogger("minray.gcs")
 START_TIMEOUT_S = 30.0
+RESTART_DELAY_S = 0.1            # after a failed restart, doubling up to ...
+MAX_RESTART_DELAY_S = 10.0
 
 
 class GcsStartError(RuntimeError):
     pass
+
+
+def _exit_reason(code):
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def shard_map_file(session_dir):
@@ -66,6 +77,7 @@ class GcsProcesses:
         self.processes = [None] * len(self.groups)
         self.restarts = 0
         self._stopping = False
+        self._stopped = threading.Event()
         self._lock = threading.Lock()
         os.makedirs(os.path.join(session_dir, "gcs"), mode=0o700, exist_ok=True)
         os.makedirs(os.path.join(session_dir, "logs"), mode=0o700, exist_ok=True)
@@ -121,21 +133,43 @@ class GcsProcesses:
             self.ports[shard] = read_address(self.session_dir, shard)[1]
 
     def _watch(self, index):
+        """Restart the index-th server process whenever it dies, until stop().
+
+        A restart that fails (the new process dies or hangs before serving,
+        or cannot be started at all) is retried with a growing delay, so a
+        shard killed during its own restart still comes back.
+        """
+        delay = RESTART_DELAY_S
         while True:
-            proc = self.processes[index]
-            code = proc.wait()
+            code = self.processes[index].wait()
             with self._lock:
                 if self._stopping or not self.restart:
                     return
-                log.warning("control store shards %s exited with %s; restarting",
-                            self.groups[index], code)
+                log.warning("control store shards %s: server process %s; restarting",
+                            self.groups[index], _exit_reason(code))
                 self.restarts += 1
-                self._spawn(index)
-            try:
-                self._wait_ready(index)
-            except GcsStartError as exc:
-                log.error("%s", exc)
+                try:
+                    self._spawn(index)
+                except OSError as exc:
+                    failure = f"could not start a server process: {exc}"
+                else:
+                    failure = None
+            if failure is None:
+                try:
+                    self._wait_ready(index)
+                    delay = RESTART_DELAY_S
+                    continue
+                except GcsStartError as exc:
+                    failure = str(exc)
+                    proc = self.processes[index]
+                    if proc.poll() is None:       # hung before serving: replace it
+                        proc.kill()
+                        proc.wait()
+            log.error("control store shards %s: restart failed (%s); trying again in %.1f s",
+                      self.groups[index], failure, delay)
+            if self._stopped.wait(delay):
                 return
+            delay = min(delay * 2, MAX_RESTART_DELAY_S)
 
     def pids(self):
         return [p.pid for p in self.processes if p is not None]
@@ -143,6 +177,7 @@ class GcsProcesses:
     def stop(self, timeout=5.0):
         with self._lock:
             self._stopping = True
+        self._stopped.set()
         for proc in self.processes:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -6,7 +6,7 @@
 | jobs      | job id               | driver pid/host, start and end time, state        |
 | functions | function id          | exported code (cloudpickled) and its name         |
 | actors    | actor id             | class, state, node, name, restarts                |
-| tasks     | task id              | spec (function, args, returns, resources) + state |
+| tasks     | task id              | (state, end time, node id, spec): the lineage     |
 | objects   | object id            | locations (node ids), size, owner task            |
 | errors    | error id             | job, type, message, traceback, time               |
 | events    | span id              | profiling spans: name, worker, start, end         |
@@ -23,8 +23,11 @@ TABLES = ("nodes", "jobs", "functions", "actors", "tasks", "objects", "errors",
 VALUE_FORMAT = 1
 
 
+_PREFIX = bytes([VALUE_FORMAT])
+
+
 def encode_value(value):
-    return bytes([VALUE_FORMAT]) + pickle.dumps(value, protocol=5)
+    return _PREFIX + pickle.dumps(value, protocol=5)
 
 
 def decode_value(data):

@@ -75,7 +75,9 @@ class NodeManager:
         self.stopping = None
         self.batcher = wire.OutputBatcher()
         self.objects = ObjectDirectory(self.store)
-        self.lineage = LineageLog(node_id)
+        # Off the event loop; it asks (from its thread) which objects are still
+        # held, to keep the lineage they may need.
+        self.lineage = LineageLog(node_id, lambda object_id: object_id in self.objects.entries)
         self.dispatcher = Dispatcher(resources, self.pool, self.objects,
                                      num_workers or max(1, int(resources.get("CPU", 1))),
                                      self.batcher)
@@ -114,9 +116,9 @@ class NodeManager:
             os.replace(ready_path + ".tmp", ready_path)
         watchdog = asyncio.ensure_future(self._watchdog(parent_pid))
         if connect_gcs is not None:
-            # Serve drivers and workers at once; the control store (started in
-            # parallel on the head) only receives our log, which can wait.
-            self.lineage.attach(await loop.run_in_executor(None, connect_gcs))
+            # Serve drivers and workers at once: the control store (started in
+            # parallel on the head) only receives our log, written by a thread.
+            self.lineage.start(connect_gcs)
         await self.stopping.wait()
         watchdog.cancel()
         server.close()
@@ -221,10 +223,13 @@ class NodeManager:
             result = self.actors.lookup(what[1])
         elif what == "objects":
             result = self.objects.rows(node_hex)
+        elif what == "errors":
+            result = self.lineage.errors()
         elif what == "stats":
             result = {"objects": self.objects.stats(), "tasks": len(self.tasks.tasks),
                       "workers": len(self.pool.workers), "ready": queues.num_ready,
-                      "waiting": queues.num_waiting, "store": self.store.stats()}
+                      "waiting": queues.num_waiting, "store": self.store.stats(),
+                      "lineage": self.lineage.stats()}
         else:
             result = None
         conn.send(("info", request_id, result))
@@ -240,7 +245,7 @@ class NodeManager:
         entry = self.objects.set_ready(object_id, kind, meta, payload, owner=conn,
                                        contained=contained)
         if kind == IN_STORE:
-            self.lineage.object(object_id, entry, None)
+            self.lineage.log_object(object_id, entry, None)
         self.objects.announce(object_id)
 
     def on_subscribe(self, conn, object_ids):

@@ -173,7 +173,7 @@ class TaskManager:
     def finish(self, task, state):
         self.tasks.pop(task.task_id, None)
         self.release_args(task.spec.args, task.spec.contained)
-        self.lineage.task(task.spec, state)
+        self.lineage.log_task(task.spec, state)
 
     def report_error(self, task, text):
         self.lineage.error("task", spec_name(task.spec), task.task_id, text)
@@ -207,7 +207,7 @@ class TaskManager:
                 entry = self.objects.set_ready(object_id, kind, meta, payload,
                                                contained=contained)
                 if kind == IN_STORE:
-                    self.lineage.object(object_id, entry, task_id)
+                    self.lineage.log_object(object_id, entry, task_id)
                 self.objects.announce(object_id)
 
     def object_ready(self, object_id, entry):

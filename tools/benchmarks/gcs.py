@@ -249,3 +249,80 @@ def two_clients(quick):
     put2, get2 = _two_clients(quick, 1)
     return {"gcs_put_2shards_2clients_per_s": put1, "gcs_get_2shards_2clients_per_s": get1,
             "gcs_put_2procs_2clients_per_s": put2, "gcs_get_2procs_2clients_per_s": get2}
+
+
+def _lmdb_bytes(session_dir):
+    """Bytes of every shard's LMDB file: LMDB grows its file page by page as
+    the tree grows (pages freed by deletes are reused), so this is the
+    high-water mark of what the control store holds."""
+    root = os.path.join(session_dir, "gcs")
+    return sum(os.path.getsize(os.path.join(root, shard, "data.mdb"))
+               for shard in os.listdir(root)
+               if os.path.isdir(os.path.join(root, shard)))
+
+
+def _settled(measure, what, timeout=120.0):
+    """Poll measure() until two readings 0.5 s apart agree; return the reading."""
+    deadline = time.monotonic() + timeout
+    previous = measure()
+    while True:
+        time.sleep(0.5)
+        current = measure()
+        if current == previous:
+            return current
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} still changing after {timeout:.0f} s")
+        previous = current
+
+
+def _end_time(record):
+    """A task record's end time: (state, time, node, spec), or a dict with
+    "time" as minray wrote it before (kept so the figure can be compared)."""
+    return record["time"] if isinstance(record, dict) else record[1]
+
+
+@figures("gcs", {
+    "gcs_task_record_bytes": "B",
+    "gcs_bytes_per_task_50k": "B",
+    "gcs_task_records_after_50k": "records",
+}, quick_note="20,000 tasks")
+def bytes_per_task(quick):
+    """What the control store keeps per finished task, through minray.init,
+    for tasks add(i, 1) (two small inline arguments; the result is dropped
+    at once). gcs_task_record_bytes: the mean size of one task's record, key
+    and value, as sent and stored (over the 5,000 newest). After 50,000 such
+    tasks: gcs_bytes_per_task_50k, the growth of the shards' LMDB files
+    divided by 50,000 (LMDB's own overhead included: pages part full, and
+    pages copied by each write transaction), and gcs_task_records_after_50k,
+    the records still in the tasks table (docs/control-store.md, "What is
+    kept")."""
+    import minray
+    from minray.gcs.tables import encode_value
+
+    total = 20_000 if quick else 50_000
+    minray.init(num_cpus=2)
+    try:
+        @minray.remote
+        def add(x, y):
+            return x + y
+
+        gcs = minray.api._runtime_gcs_client()
+        session_dir = minray.api._State.session_dir
+
+        def task_records():
+            return sum(info["entries"]["tasks"] for info in gcs.info())
+
+        minray.get([add.remote(i, 1) for i in range(200)])      # workers, function, node
+        _settled(task_records, "the tasks table")
+        base_bytes = _settled(lambda: _lmdb_bytes(session_dir), "the LMDB files")
+        for done in range(0, total, 1000):
+            minray.get([add.remote(i, 1) for i in range(1000)])
+        records = _settled(task_records, "the tasks table")
+        grown = _settled(lambda: _lmdb_bytes(session_dir), "the LMDB files")
+        rows = sorted(gcs.scan("tasks"), key=lambda kv: _end_time(kv[1]))
+        sizes = [len(key) + len(encode_value(value)) for key, value in rows[-5000:]]
+        return {"gcs_task_record_bytes": statistics.mean(sizes),
+                "gcs_bytes_per_task_50k": (grown - base_bytes) / total,
+                "gcs_task_records_after_50k": records}
+    finally:
+        minray.shutdown()
