@@ -149,7 +149,13 @@ def test_an_actor_made_in_a_task_lives_while_the_driver_holds_the_returned_handl
 
     made = ray.get(make.remote())[0]
     pid = ray.get(made.pid.remote())
-    settled()
+    # More actors than idle workers: each takes an idle worker, and its end
+    # that worker, but never the one that made `made` (an actor dies with
+    # the process that created it, so that would take `made` along).
+    probes = [Counter.remote() for _ in range(6)]
+    probe_pids = ray.get([p.pid.remote() for p in probes])
+    del probes
+    poll(lambda: all(gone(p) for p in probe_pids), what="the probe actors to stop")
     assert ray.get(made.increment.remote()) == 101
     del made
     assert stopped(pid)

@@ -82,6 +82,10 @@ class ActorManager:
         self.actors = {}
         self.names = {}                   # (namespace, name) -> actor id
         self.job_namespaces = {}          # job id -> (namespace, anonymous)
+        # Connection -> its live non-detached actors, which die with it: a
+        # worker that owns some (made by its tasks) must not become an
+        # actor's worker, or that actor's end would take them along.
+        self.owned_counts = collections.Counter()
         self.unplaced = collections.deque()
         self.waiting_creation = {}        # object id -> [actor]
         self.waiting_calls = {}           # object id -> [(actor, task)]
@@ -107,6 +111,8 @@ class ActorManager:
         self.actors[actor.actor_id] = actor
         if key is not None:
             self.names[key] = actor.actor_id
+        if not spec["detached"]:
+            self.owned_counts[conn] += 1
         # The creator holds the actor until it drops its handles (handles_freed).
         self.objects.add_actor_handles(ids.actor_handle_id(actor.actor_id), conn)
         if request_id:
@@ -139,7 +145,8 @@ class ActorManager:
             if actor.state == DEAD:
                 self.unplaced.popleft()
                 continue
-            worker = dispatcher.lease_dedicated(actor.resources)
+            worker = dispatcher.lease_dedicated(
+                actor.resources, lambda w: self.owned_counts[w.conn] > 0)
             if worker is None:
                 break
             self.unplaced.popleft()
@@ -314,6 +321,10 @@ class ActorManager:
         key = actor.registered_name
         if key is not None and self.names.get(key) == actor.actor_id:
             del self.names[key]
+        if not actor.spec["detached"]:
+            self.owned_counts[actor.owner] -= 1
+            if self.owned_counts[actor.owner] <= 0:
+                del self.owned_counts[actor.owner]
         # Handles still around only reach a dead actor: they hold nothing.
         self.objects.discard(ids.actor_handle_id(actor.actor_id))
         self.tasks.release_args(actor.spec["args"], actor.spec["contained"])
