@@ -5,17 +5,26 @@ manager, which dedicates a worker to it; `Cls.remote()` returns a handle at
 once. Method calls go to the node manager, which forwards each caller's calls
 to the actor's worker in the order they were sent. Handles can be passed to
 tasks and other actors; every copy calls the same actor.
+
+Handles are counted like ObjectRefs, on the object id that stands for the
+actor (minray.ids.actor_handle_id): the creator owns it, a copy rebuilt in
+another process borrows it, and a value or task that carries a handle holds
+it, so a non-detached actor stops once none of these is left. A handle got
+by name (get_actor) is not counted, as in Ray.
 """
 import hashlib
 import inspect
+import warnings
 
 from minray.serialization.code import dumps_code
 
+from minray import ids
 from minray.exceptions import SerializationError
 from minray.remote_function import (
     _bad_option, encode_args, returns_of, validate_resources,
 )
 from minray.runtime import core
+from minray.runtime.object_ref import note_pickled
 
 ACTOR_OPTIONS = {
     "num_cpus": "CPUs the actor holds while it lives (default 0, as in Ray)",
@@ -24,8 +33,10 @@ ACTOR_OPTIONS = {
     "max_restarts": "times the actor is restarted (constructor re-run) if its process dies",
     "max_concurrency": "calls run at once (threads; async actors default to 1000)",
     "name": "register the actor under this name for minray.get_actor",
-    "lifetime": "None (dies with its creator) or 'detached' (outlives it)",
-    "namespace": "accepted for compatibility; one namespace per cluster",
+    "namespace": "the namespace its name is registered in (default: the job's)",
+    "get_if_exists": "with name: return the actor that has the name if there is one",
+    "lifetime": "None (stops with its creator or its last handle) or 'detached' "
+                "(lives until killed)",
 }
 METHOD_OPTIONS = {"num_returns": "how many ObjectRefs the call returns"}
 DEFAULT_ASYNC_CONCURRENCY = 1000
@@ -74,10 +85,25 @@ def validate_actor_options(options):
     lifetime = options.get("lifetime")
     if lifetime not in (None, "detached", "non_detached"):
         raise ValueError(f"lifetime must be None or 'detached', got {lifetime!r}")
+    check_namespace(options.get("namespace"))
+    if not isinstance(options.get("get_if_exists", False), bool):
+        raise TypeError(f"get_if_exists must be True or False, got "
+                        f"{options['get_if_exists']!r}")
     resources = dict(options)
     resources.setdefault("num_cpus", 0)
     validate_resources(resources)
     return options
+
+
+def check_namespace(namespace):
+    """None (the job's namespace) or a non-empty str."""
+    if namespace is None:
+        return
+    if not isinstance(namespace, str):
+        raise TypeError(f"namespace must be None or a str, got {type(namespace).__name__}: "
+                        f"{namespace!r:.60}")
+    if not namespace:
+        raise ValueError("namespace must not be empty; pass None for the job's namespace")
 
 
 class ActorClass:
@@ -120,6 +146,21 @@ class ActorClass:
                 raise SerializationError(
                     f"actor class {self._name} cannot be pickled: {exc}") from None
             self._class_id = hashlib.blake2b(self._pickled, digest_size=16).digest()
+        name = options.get("name")
+        get_if_exists = options.get("get_if_exists", False)
+        if get_if_exists and name is None:
+            raise ValueError("get_if_exists=True needs a name: pass "
+                             ".options(name=..., get_if_exists=True)")
+        namespace = options.get("namespace")
+        if namespace is None and name is not None:      # (a worker asks once per job)
+            namespace, anonymous = client.namespace_info()
+            if anonymous and options.get("lifetime") == "detached":
+                warnings.warn(
+                    f"the detached actor {name!r} is registered in this job's anonymous "
+                    f"namespace {namespace!r}: later jobs reach it only with "
+                    f"init(namespace={namespace!r}) or get_actor({name!r}, "
+                    f"namespace={namespace!r}); pass init(namespace=...) or "
+                    f".options(namespace=...) to choose one", stacklevel=3)
         client.export_function(self._class_id, self._pickled, self._name)
         entries, kwarg_names, contained, keep_alive = encode_args(
             client, self._name, args, kwargs)
@@ -134,11 +175,16 @@ class ActorClass:
             "resources": validate_resources(resources),
             "max_restarts": options.get("max_restarts", 0),
             "max_concurrency": concurrency, "is_async": self._is_async,
-            "name": options.get("name"), "detached": options.get("lifetime") == "detached",
+            "name": name, "namespace": namespace, "get_if_exists": get_if_exists,
+            "detached": options.get("lifetime") == "detached",
             "methods": self._methods,
         }
-        client.create_actor(spec)     # raises at once if the name is taken
+        # Raises at once if the name is taken (or returns the actor that has
+        # it, with get_if_exists).
+        existing = client.create_actor(spec)
         del keep_alive
+        if existing is not None:
+            return ActorHandle(*existing)         # found by name: not counted
         return ActorHandle(actor_id, self._name, self._methods, owned=True)
 
 
@@ -152,16 +198,23 @@ class _BoundActorOptions:
 
 
 class ActorHandle:
-    """A reference to a live actor; pass it anywhere, call its methods."""
+    """A reference to a live actor; pass it anywhere, call its methods.
 
-    def __init__(self, actor_id, class_name, methods, owned=False):
+    A counted handle (the creator's, or a copy of one) keeps a non-detached
+    actor alive; one found by name is not counted (nor are its copies)."""
+
+    def __init__(self, actor_id, class_name, methods, *, owned=False, counted=False):
         self._actor_id = actor_id
         self._class_name = class_name
         self._methods = methods
         self._client = core.current()
-        self._owned = owned and self._client is not None
-        if self._owned:
-            self._client.add_actor_handle(actor_id)
+        self._counts = owned or counted          # copies of it count too
+        self._holding = self._counts and self._client is not None
+        if self._holding:
+            handles_id = ids.actor_handle_id(actor_id)
+            if owned:
+                self._client.own([handles_id])
+            self._client.add_ref(handles_id)
 
     def __getattr__(self, name):
         methods = self.__dict__.get("_methods", {})
@@ -172,15 +225,14 @@ class ActorHandle:
             f"its methods are: {', '.join(sorted(methods)) or '(none)'}")
 
     def __reduce__(self):
-        # A copy elsewhere keeps the actor alive as long as its owner lives.
-        if self._client is not None:
-            self._client.escape_actor(self._actor_id)
-        return ActorHandle, (self._actor_id, self._class_name, self._methods)
+        if self._counts:
+            note_pickled(ids.actor_handle_id(self._actor_id), self._client)
+        return _rebuild_handle, (self._actor_id, self._class_name, self._methods, self._counts)
 
     def __del__(self):
         client = self.__dict__.get("_client")
-        if self.__dict__.get("_owned") and client is not None and not client.closed:
-            client.drop_actor_handle(self._actor_id)
+        if self.__dict__.get("_holding") and not client.closed:
+            client.remove_ref(ids.actor_handle_id(self._actor_id))
 
     def __repr__(self):
         return f"Actor({self._class_name}, {self._actor_id.hex()})"
@@ -190,6 +242,11 @@ class ActorHandle:
 
     def __hash__(self):
         return hash(self._actor_id)
+
+
+def _rebuild_handle(actor_id, class_name, methods, counted):
+    # A copy of a counted handle borrows the actor for this process.
+    return ActorHandle(actor_id, class_name, methods, counted=counted)
 
 
 class ActorMethod:

@@ -5,11 +5,12 @@ import numbers
 import os
 import threading
 import time
+import uuid
 
 from minray import ids
 from minray.exceptions import RaySystemError
 from minray.local_cluster import LocalCluster, find_node_socket
-from minray.actor import ACTOR_OPTIONS, ActorClass, ActorHandle
+from minray.actor import ACTOR_OPTIONS, ActorClass, ActorHandle, check_namespace
 from minray.remote_function import TASK_OPTIONS, RemoteFunction
 from minray.runtime import core
 from minray.runtime.object_ref import ObjectRef
@@ -35,11 +36,14 @@ def is_initialized():
 
 def init(address=None, *, num_cpus=None, num_gpus=None, resources=None,
          object_store_memory=None, num_gcs_shards=1, log_to_driver=True,
-         ignore_reinit_error=False, redis_address=None, num_workers=None, **unknown):
+         ignore_reinit_error=False, redis_address=None, num_workers=None, namespace=None,
+         **unknown):
     """Start a local cluster (no address) or join a running one (address).
 
-    ``redis_address`` and ``num_workers`` are the original docs' names for
-    ``address`` and ``num_cpus``.
+    ``namespace``: where this job's named actors are registered and looked
+    up (default: an anonymous namespace of its own). ``redis_address`` and
+    ``num_workers`` are the original docs' names for ``address`` and
+    ``num_cpus``.
     """
     for name in unknown:
         if name not in INIT_OPTIONS:
@@ -52,6 +56,7 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None,
                 return _context()
             raise RuntimeError("minray.init() was already called in this process; call "
                                "minray.shutdown() first, or pass ignore_reinit_error=True")
+        check_namespace(namespace)
         address = address or redis_address
         if num_workers is not None and num_cpus is None:
             num_cpus = num_workers
@@ -79,7 +84,10 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None,
             job_id = os.urandom(ids.JOB_ID_SIZE)
             client = core.CoreClient(socket_path, read_token(session_dir), "driver",
                                      {"pid": os.getpid(), "embedded_owner": cluster is not None,
-                                      "job_id": job_id, "code_paths": _code_paths()},
+                                      "job_id": job_id, "code_paths": _code_paths(),
+                                      # As in Ray, a job without one gets its own.
+                                      "namespace": namespace or str(uuid.uuid4()),
+                                      "anonymous_namespace": namespace is None},
                                      root_task_id=ids.driver_task_id(job_id))
             if not client.wait_until(lambda: client.welcome is not None, 30.0):
                 raise RaySystemError("the node manager did not answer within 30 s")
@@ -103,7 +111,7 @@ def _code_paths():
 def _context():
     welcome = _State.client.welcome
     return {"session_dir": _State.session_dir, "node_id": welcome["node_id"].hex(),
-            "resources": welcome["resources"]}
+            "resources": welcome["resources"], "namespace": _State.client.namespace}
 
 
 def shutdown():
@@ -186,13 +194,24 @@ def _make_remote(target, options):
     return RemoteFunction(target, options)
 
 
-def get_actor(name):
-    """The handle of the actor registered under `name` (any driver of the cluster)."""
+def get_actor(name, namespace=None):
+    """The handle of the live actor registered under `name` in `namespace`
+    (default: this job's namespace), whichever driver or task created it.
+
+    The handle does not keep the actor alive (as in Ray): a non-detached
+    actor still stops when its creator's handles are gone.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"get_actor needs an actor name (a non-empty str), got {name!r}")
-    found = _client().request_info(("actor", name))
+    check_namespace(namespace)
+    client = _client()
+    if namespace is None:
+        namespace = client.namespace
+    found = client.request_info(("actor", namespace, name))
     if found is None:
-        raise ValueError(f"no live actor named {name!r} in this cluster")
+        raise ValueError(f"Failed to look up actor with name {name!r}: no live actor named "
+                         f"{name!r} in namespace {namespace!r} (names are per namespace; "
+                         "a non-detached actor stops with its creator or its last handle)")
     actor_id, class_name, methods = found
     return ActorHandle(actor_id, class_name, methods)
 

@@ -3,7 +3,8 @@
     JobID     4 bytes   counter kept by the control store
     TaskID   16 bytes   job id + 12 bytes of hash(parent task id, call index)
     ObjectID 20 bytes   task id + 4-byte index: 1..n for returns,
-                        PUT_FLAG | n for the n-th put of that task
+                        PUT_FLAG | n for the n-th put of that task,
+                        0 for an actor's handles (its task id is the actor id)
 
 A task id depends only on its parent and how many tasks the parent submitted
 before it, so re-running a parent re-creates the same ids: what lineage
@@ -42,6 +43,13 @@ def child_task_id(parent_task_id, index):
 def return_object_id(task_id, index):
     """Id of a task's index-th return value (index from 1)."""
     return task_id + _INDEX.pack(index)
+
+
+def actor_handle_id(actor_id):
+    """The object id that stands for an actor's handles in the object
+    directory: the actor lives while this object is held (index 0 is no
+    task's return value)."""
+    return actor_id + _INDEX.pack(0)
 
 
 def put_object_id(task_id, index):

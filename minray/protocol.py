@@ -9,12 +9,15 @@ message is read.
 """
 from typing import NamedTuple
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # How a value travels: inline (its bytes in messages), in the node's store,
-# or an error (inline bytes of a pickled exception).
-INLINE, IN_STORE, ERROR = "v", "s", "e"
-KIND_NAMES = {INLINE: "inline", IN_STORE: "store", ERROR: "error", None: "pending"}
+# or an error (inline bytes of a pickled exception). ACTOR_HANDLES is no
+# value: the directory entry (minray.ids.actor_handle_id) whose holders keep
+# an actor alive, counted like any object's.
+INLINE, IN_STORE, ERROR, ACTOR_HANDLES = "v", "s", "e", "h"
+KIND_NAMES = {INLINE: "inline", IN_STORE: "store", ERROR: "error",
+              ACTOR_HANDLES: "actor handles", None: "pending"}
 
 
 class TaskSpec(NamedTuple):
@@ -77,6 +80,8 @@ TO_NODE_MANAGER = {
     "submit": ("spec",),                        # TaskSpec
     "put": ("object_id", "kind", "meta", "payload", "contained"),
     "sub": ("object_ids",),                     # tell me when these are ready
+    # Reference counting; an actor handle counts as a ref to its actor's
+    # minray.ids.actor_handle_id.
     "borrow": ("object_ids",),                  # I hold refs I was handed
     "free": ("object_ids",),                    # I dropped my last ref to these
     "escape": ("object_ids",),                  # a ref left minray's serialization
@@ -86,12 +91,13 @@ TO_NODE_MANAGER = {
     "giveback": ("task_ids",),                  # dispatched while I was blocked
     "info": ("request_id", "what"),
     "shutdown": (),                             # the embedded driver is done
-    "actor_create": ("spec", "request_id"),     # request_id 0: no answer wanted
+    # Answered (unless request_id is 0) with None (created), a str (refused:
+    # why) or (actor_id, class_name, methods) of the actor already holding
+    # the name when the spec asks get_if_exists.
+    "actor_create": ("spec", "request_id"),
     "actor_call": ("spec",),                    # ActorCallSpec
     "actor_ready": ("actor_id", "meta", "data", "error_text"),
     "actor_exit": (),
-    "actor_release": ("actor_ids",),
-    "actor_escape": ("actor_ids",),
     "actor_kill": ("actor_id", "no_restart"),
 }
 

@@ -86,7 +86,8 @@ class Counter:
     def pid(self):
         return os.getpid()
 
-context = minray.init(address="auto")
+# One namespace for the joiners, so they find each other's named actors.
+context = minray.init(address="auto", namespace="actor-driver-tests")
 assert context["session_dir"] == SESSION_DIR, (context, SESSION_DIR)
 """
 

@@ -428,15 +428,16 @@ def test_a_name_clash_is_a_value_error_and_the_first_actor_keeps_its_name():
     minray.kill(second)
 
 
-def test_a_named_actor_lives_on_when_its_handle_is_dropped():
-    c = Counter.options(name="kept-by-name").remote(7)
+def test_a_named_actor_is_stopped_with_its_last_handle_as_in_ray():
+    c = Counter.options(name="dropped-by-name").remote(7)
     pid = minray.get(c.pid.remote())
-    del c
-    found = minray.get_actor("kept-by-name")
+    found = minray.get_actor("dropped-by-name")
     assert minray.get(found.read.remote()) == 7          # same actor, same state
     assert minray.get(found.pid.remote()) == pid
-    minray.kill(found)
-    poll(lambda: gone(pid), what="the killed named actor's process to exit")
+    del c                                   # a handle found by name does not count
+    poll(lambda: gone(pid), what="the named actor's process to exit")
+    with pytest.raises(ValueError, match="dropped-by-name"):
+        minray.get_actor("dropped-by-name")
 
 
 # ---------------------------------------------------------------- kill, exit

@@ -1,11 +1,19 @@
 """Actors on a node: placing them on dedicated workers, ordering their calls,
-restarting or burying them.
+naming them, restarting, retiring or burying them.
 
 Each actor has one FIFO of calls. A call leaves the FIFO for the actor's
 worker only when it and every call before it have their arguments, so the
 calls of each caller run in the order they were sent (calls from different
 callers interleave in arrival order). Calls whose actor is dead, or that were
 running when it died, fail with RayActorError.
+
+Lifetime, as in Ray. A non-detached actor stops when its creator (owner)
+exits, and once nothing holds its handles: handles are counted by the object
+directory like refs, on one entry per actor (minray.ids.actor_handle_id):
+the creator's handles, copies rebuilt in other processes (borrowers), values
+and queued tasks that carry a handle. Handles got by name (get_actor) are
+not counted. A detached actor lives until it is killed. Names are unique
+within a namespace; each driver's job has one (anonymous by default).
 """
 import collections
 import logging
@@ -15,7 +23,7 @@ from minray._core.scheduler import Task
 from minray.exceptions import RayActorError, TaskUnschedulableError
 from minray.node_manager.objects import error_object
 from minray.node_manager.tasks import MalformedSpec, check_args, parse_spec
-from minray.protocol import ERROR, ActorCallSpec
+from minray.protocol import ACTOR_HANDLES, ERROR, ActorCallSpec
 from minray.resources import is_valid_request
 
 log = logging.getLogger("minray.node_manager")
@@ -35,12 +43,17 @@ class ActorState:
         self.death = None                 # (meta, data) of the error calls get
         self.missing = 0                  # constructor arguments not ready yet
         self.held = None                  # resources held while placed
-        self.escaped = False              # a handle was serialized
-        self.released = False             # the owner dropped its handles
+        self.released = False             # nothing holds its handles any more
 
     @property
     def resources(self):
         return self.spec["resources"]
+
+    @property
+    def registered_name(self):
+        """(namespace, name) in the registry, or None for an unnamed actor."""
+        name = self.spec["name"]
+        return None if name is None else (self.spec["namespace"], name)
 
 
 def check_actor_spec(spec):
@@ -50,6 +63,9 @@ def check_actor_spec(spec):
         raise MalformedSpec(f"resources must map names to finite amounts >= 0, "
                             f"got {spec.get('resources')!r}")
     check_args(spec["args"], spec["contained"])
+    if spec["name"] is not None and not (isinstance(spec["name"], str)
+                                         and isinstance(spec.get("namespace"), str)):
+        raise MalformedSpec("a named actor needs a str name and namespace")
 
 
 class ActorManager:
@@ -64,25 +80,41 @@ class ActorManager:
         self.objects = objects
         self.lineage = lineage
         self.actors = {}
-        self.names = {}
+        self.names = {}                   # (namespace, name) -> actor id
+        self.job_namespaces = {}          # job id -> (namespace, anonymous)
+        # Connection -> its live non-detached actors, which die with it: a
+        # worker that owns some (made by its tasks) must not become an
+        # actor's worker, or that actor's end would take them along.
+        self.owned_counts = collections.Counter()
         self.unplaced = collections.deque()
         self.waiting_creation = {}        # object id -> [actor]
         self.waiting_calls = {}           # object id -> [(actor, task)]
         dispatcher.place_actors = self.place
         objects.ready_listeners.append(self.object_ready)
+        objects.freed_listeners.append(self.handles_freed)
 
     # ------------------------------------------------------------ creation
     def on_create(self, conn, spec, request_id):
         check_actor_spec(spec)
-        name = spec["name"]
-        if name is not None and name in self.names:
-            conn.send(("info", request_id, f"an actor named {name!r} already exists; pick "
-                       f"another name, or use minray.get_actor({name!r}) to reach it"))
-            return
         actor = ActorState(spec, conn)
+        key = actor.registered_name
+        if key is not None and key in self.names:
+            if spec.get("get_if_exists"):
+                conn.send(("info", request_id, self.lookup(*key)))
+                return
+            name, namespace = key[1], key[0]
+            conn.send(("info", request_id, (
+                f"The name {name!r} is already taken by another actor in namespace "
+                f"{namespace!r}: pick another name, or reach that actor with "
+                f"minray.get_actor({name!r}, namespace={namespace!r})")))
+            return
         self.actors[actor.actor_id] = actor
-        if name is not None:
-            self.names[name] = actor.actor_id
+        if key is not None:
+            self.names[key] = actor.actor_id
+        if not spec["detached"]:
+            self.owned_counts[conn] += 1
+        # The creator holds the actor until it drops its handles (handles_freed).
+        self.objects.add_actor_handles(ids.actor_handle_id(actor.actor_id), conn)
         if request_id:
             conn.send(("info", request_id, None))
         self.lineage.actor(actor.actor_id, self._record(actor))
@@ -113,7 +145,8 @@ class ActorManager:
             if actor.state == DEAD:
                 self.unplaced.popleft()
                 continue
-            worker = dispatcher.lease_dedicated(actor.resources)
+            worker = dispatcher.lease_dedicated(
+                actor.resources, lambda w: self.owned_counts[w.conn] > 0)
             if worker is None:
                 break
             self.unplaced.popleft()
@@ -285,9 +318,15 @@ class ActorManager:
             task = actor.calls.popleft()
             if task.extra != "failed":
                 self.tasks.fail(task, meta, data)
-        name = actor.spec["name"]
-        if name is not None and self.names.get(name) == actor.actor_id:
-            del self.names[name]
+        key = actor.registered_name
+        if key is not None and self.names.get(key) == actor.actor_id:
+            del self.names[key]
+        if not actor.spec["detached"]:
+            self.owned_counts[actor.owner] -= 1
+            if self.owned_counts[actor.owner] <= 0:
+                del self.owned_counts[actor.owner]
+        # Handles still around only reach a dead actor: they hold nothing.
+        self.objects.discard(ids.actor_handle_id(actor.actor_id))
         self.tasks.release_args(actor.spec["args"], actor.spec["contained"])
         self.lineage.actor(actor.actor_id, self._record(actor))
 
@@ -298,24 +337,24 @@ class ActorManager:
             self.die(actor, RayActorError(
                 f"actor {actor.spec['class_name']} exited (minray.actor.exit_actor())"))
 
-    def release(self, actor_ids):
-        for actor_id in actor_ids:
-            actor = self.actors.get(actor_id)
-            if actor is not None:
-                actor.released = True
-                self.maybe_retire(actor)
-
-    def escape(self, actor_ids):
-        for actor_id in actor_ids:
-            actor = self.actors.get(actor_id)
-            if actor is not None:
-                actor.escaped = True
+    def handles_freed(self, object_id, entry):
+        """The object directory let go of an actor's handles: no process,
+        value or queued task holds one."""
+        if entry.kind != ACTOR_HANDLES:
+            return
+        actor = self.actors.get(ids.task_of(object_id))
+        if actor is None or actor.state == DEAD:
+            return
+        if actor.owner.closed and not actor.spec["detached"]:
+            self._owner_gone(actor)          # say why: its creator went first
+            return
+        actor.released = True
+        self.maybe_retire(actor)
 
     def maybe_retire(self, actor):
         """Stop an actor nobody can call any more, once its calls are done."""
         spec = actor.spec
-        if (not actor.released or actor.escaped or spec["name"] is not None
-                or spec["detached"] or actor.state == DEAD or actor.calls
+        if (not actor.released or spec["detached"] or actor.state == DEAD or actor.calls
                 or (actor.worker is not None and actor.worker.queue)):
             return
         self.die(actor, RayActorError(
@@ -324,19 +363,40 @@ class ActorManager:
     def owner_left(self, conn):
         for actor in list(self.actors.values()):
             if actor.owner is conn and not actor.spec["detached"] and actor.state != DEAD:
-                self.die(actor, RayActorError(
-                    f"actor {actor.spec['class_name']} was stopped: the process that created "
-                    "it exited (pass lifetime='detached' to keep it)"))
+                self._owner_gone(actor)
 
-    def lookup(self, name):
-        actor_id = self.names.get(name)
+    def _owner_gone(self, actor):
+        self.die(actor, RayActorError(
+            f"actor {actor.spec['class_name']} was stopped: the process that created "
+            "it exited (pass lifetime='detached' to keep it)"))
+
+    # ------------------------------------------------------------ names
+    def job_started(self, job_id, namespace, anonymous):
+        """A driver said which namespace its job (and the tasks and actors it
+        starts) uses."""
+        if isinstance(job_id, bytes) and isinstance(namespace, str):
+            self.job_namespaces[job_id] = (namespace, bool(anonymous))
+
+    def lookup(self, namespace, name):
+        actor_id = self.names.get((namespace, name))
         actor = self.actors.get(actor_id) if actor_id else None
         if actor is None or actor.state == DEAD:
             return None
         return (actor.actor_id, actor.spec["class_name"], actor.spec["methods"])
 
+    def query(self, what):
+        """Answers to ("info", ...) requests about actors:
+        ("actor", namespace, name) -> (actor_id, class_name, methods) or None;
+        ("namespace", job_id) -> (namespace, anonymous) or None."""
+        if what[0] == "actor" and len(what) == 3:
+            return self.lookup(what[1], what[2])
+        if what[0] == "namespace" and len(what) == 2:
+            return self.job_namespaces.get(what[1])
+        raise ValueError(f"unknown actor query {what!r:.80}")
+
     def _record(self, actor):
         spec = actor.spec
         return {"class_name": spec["class_name"], "state": actor.state, "name": spec["name"],
+                "namespace": spec.get("namespace"),
                 "node": self.lineage.node_hex, "detached": spec["detached"],
                 "restarts_left": actor.restarts_left}

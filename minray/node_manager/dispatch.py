@@ -166,15 +166,19 @@ class Dispatcher:
         if task_workers + len(self.pool.starting) < self.num_workers:
             self.pool.start()
 
-    def lease_dedicated(self, resources):
+    def lease_dedicated(self, resources, unsuitable=None):
         """An idle worker holding `resources` for an actor, or None (a worker
-        is being started, or the resources are not free now)."""
+        is being started, or the resources are not free now). Idle workers
+        for which unsuitable(worker) is true are passed over."""
         if not self.queues.fits(resources):
             return None
-        if not self.idle:
+        for index in range(len(self.idle) - 1, -1, -1):
+            if unsuitable is None or not unsuitable(self.idle[index]):
+                worker = self.idle.pop(index)
+                break
+        else:
             self.start_workers(for_actor=True)
             return None
-        worker = self.idle.pop()
         self.queues.acquire(resources)
         self._take_gpus(worker, resources)
         return worker

@@ -21,11 +21,15 @@ holds it:
 A ref serialized outside minray's own serialization (a user pickling it into
 a file) "escapes": nobody can count such copies, so the object is kept until
 the cluster stops.
+
+Actor handles are counted by the same rules: each actor has an entry of kind
+ACTOR_HANDLES (minray.ids.actor_handle_id) that every handle refers to, and
+the actor manager hears (freed_listeners) when nothing holds it any more.
 """
 import logging
 
 from minray.exceptions import ObjectLostError
-from minray.protocol import ERROR, IN_STORE, INLINE, KIND_NAMES
+from minray.protocol import ACTOR_HANDLES, ERROR, IN_STORE, INLINE, KIND_NAMES
 from minray.serialization import serialize
 
 log = logging.getLogger("minray.node_manager")
@@ -73,13 +77,15 @@ class ObjectDirectory:
     """Object entries, their references, and telling processes they are ready.
 
     `ready_listeners` are called as listener(object_id, entry) when an object
-    becomes ready (tasks and actor calls waiting on it).
+    becomes ready (tasks and actor calls waiting on it), `freed_listeners`
+    the same way when an entry is freed because nothing holds it.
     """
 
     def __init__(self, store):
         self.store = store
         self.entries = {}
         self.ready_listeners = []
+        self.freed_listeners = []
 
     def __len__(self):
         return len(self.entries)
@@ -140,6 +146,20 @@ class ObjectDirectory:
                     inner.containers += 1
         return entry
 
+    def add_actor_handles(self, object_id, owner):
+        """The entry standing for an actor's handles, held by its creator."""
+        entry = self.entries[object_id] = ObjectEntry(owner)
+        entry.kind = ACTOR_HANDLES
+        entry.data = b""
+        entry.ready = True
+        return entry
+
+    def discard(self, object_id):
+        """Forget an entry whatever holds it (the actor it stood for is dead)."""
+        entry = self.entries.pop(object_id, None)
+        if entry is not None:
+            self.maybe_free_all(self._release_contents(entry))
+
     def announce(self, object_id):
         """Tell the owner and whoever waits that an object is ready."""
         entry = self.entries.get(object_id)
@@ -161,7 +181,7 @@ class ObjectDirectory:
 
     def subscribe(self, conn, object_id):
         entry = self.entries.get(object_id)
-        if entry is None:
+        if entry is None or entry.kind == ACTOR_HANDLES:
             meta, data = error_object(ObjectLostError(
                 f"object {object_id.hex()} is not known to this node: it was freed "
                 "(all its references were dropped) or never existed"))
@@ -176,10 +196,16 @@ class ObjectDirectory:
     # ------------------------------------------------------------ references
     def borrow(self, conn, object_id):
         entry = self.entries.get(object_id)
-        if entry is not None and entry.owner is not conn:
-            if entry.borrowers is None:
-                entry.borrowers = set()
-            entry.borrowers.add(conn)
+        if entry is None:
+            return
+        if entry.owner is conn:
+            # The owner dropped its refs, then rebuilt one from a value that
+            # kept the object alive: it holds the object again.
+            entry.owner_released = False
+            return
+        if entry.borrowers is None:
+            entry.borrowers = set()
+        entry.borrowers.add(conn)
 
     def release(self, conn, object_id):
         """A process dropped its last ref: as the owner or as a borrower."""
@@ -211,7 +237,10 @@ class ObjectDirectory:
 
     def maybe_free(self, object_id):
         """Delete an object nobody holds; then whatever only it contained."""
-        pending = [object_id]
+        self.maybe_free_all([object_id])
+
+    def maybe_free_all(self, object_ids):
+        pending = list(object_ids)
         while pending:
             object_id = pending.pop()
             entry = self.entries.get(object_id)
@@ -222,6 +251,8 @@ class ObjectDirectory:
                 entry.pin = None
                 self._delete_from_store(object_id)
             pending.extend(self._release_contents(entry))
+            for listener in self.freed_listeners:
+                listener(object_id, entry)
 
     def _delete_from_store(self, object_id):
         try:
@@ -250,11 +281,13 @@ class ObjectDirectory:
 
     # ------------------------------------------------------------ reporting
     def stats(self):
-        kinds = [e.kind for e in self.entries.values()]
+        kinds = [e.kind for e in self.entries.values() if e.kind != ACTOR_HANDLES]
         return {"objects": len(kinds), "inline": sum(1 for k in kinds if k in (INLINE, ERROR)),
                 "in_store": kinds.count(IN_STORE)}
 
     def rows(self, node_hex, limit=10000):
+        objects = [(object_id, entry) for object_id, entry in list(self.entries.items())
+                   if entry.kind != ACTOR_HANDLES]
         return [{"id": object_id.hex(), "kind": KIND_NAMES[entry.kind], "size": entry.size,
                  "node": node_hex}
-                for object_id, entry in list(self.entries.items())[:limit]]
+                for object_id, entry in objects[:limit]]

@@ -93,8 +93,6 @@ class NodeManager:
             "actor_create": actors.on_create, "actor_call": actors.on_call,
             "actor_ready": actors.on_ready,
             "actor_exit": lambda conn: actors.on_exit(conn.worker),
-            "actor_release": lambda conn, actor_ids: actors.release(actor_ids),
-            "actor_escape": lambda conn, actor_ids: actors.escape(actor_ids),
             "actor_kill": lambda conn, actor_id, no_restart: actors.kill(actor_id, no_restart),
         }
 
@@ -179,6 +177,8 @@ class NodeManager:
             for worker in self.pool.workers.values():
                 worker.conn.send(("path", self.code_paths))
         conn.embedded_owner = bool(info.get("embedded_owner"))
+        self.actors.job_started(info.get("job_id"), info.get("namespace"),
+                                info.get("anonymous_namespace"))
         conn.send(("welcome", {
             "node_id": self.node_id, "store_name": self.store_name,
             "session_dir": self.session_dir, "resources": self.resources,
@@ -219,8 +219,8 @@ class NodeManager:
             result = {"total": queues.total_resources, "available": queues.available_resources}
         elif what == "tasks":
             result = self.tasks.rows(node_hex)
-        elif isinstance(what, tuple) and what[0] == "actor":
-            result = self.actors.lookup(what[1])
+        elif isinstance(what, tuple) and what[0] in ("actor", "namespace"):
+            result = self.actors.query(what)
         elif what == "objects":
             result = self.objects.rows(node_hex)
         elif what == "errors":

@@ -65,11 +65,8 @@ class CoreClient:
         self.errors_raised = set()   # error objects `get` has raised here
         self.dropped_pending = collections.OrderedDict()   # see DROPPED_PENDING_MAX
         self.subscribed = set()
-        self.pending_free = []
+        self.pending_free = {}       # id -> whether we owned it, until "free" is sent
         self.pending_escape = []
-        self.actor_handles = {}      # actor id -> live owned handles in this process
-        self.pending_actor_release = []
-        self.pending_actor_escape = []
         self.pending_giveback = []   # worker: tasks to hand back, read while lending
         self.actor_id = None         # worker: the actor it hosts
         self.concurrent = False      # calls run at once: ids from one shared counter
@@ -83,6 +80,9 @@ class CoreClient:
         self.start_task(root_task_id)
         self.welcome = None
         self.store = None
+        # A driver's namespace, from init(); a worker's is its current job's.
+        self.driver_namespace = (info.get("namespace"), bool(info.get("anonymous_namespace")))
+        self.job_namespaces = {}     # worker: job id -> (namespace, anonymous)
         self.futures = None          # RefFutures, made on the first ref.future()
         self.send(("hello", role, info))
         threading.Thread(target=self._send_bookkeeping_loop, daemon=True,
@@ -201,7 +201,6 @@ class CoreClient:
 
     def _has_bookkeeping(self):
         return bool(self.pending_free or self.pending_escape or self.pending_borrow
-                    or self.pending_actor_release or self.pending_actor_escape
                     or self.pending_giveback)
 
     def _bookkeeping_frames(self):
@@ -218,14 +217,8 @@ class CoreClient:
             borrowed, self.pending_borrow = self.pending_borrow, []
             frames.append(wire.encode(("borrow", borrowed)))
         if self.pending_free:
-            freed, self.pending_free = self.pending_free, []
-            frames.append(wire.encode(("free", freed)))
-        if self.pending_actor_escape:
-            escaped, self.pending_actor_escape = self.pending_actor_escape, []
-            frames.append(wire.encode(("actor_escape", escaped)))
-        if self.pending_actor_release:
-            released, self.pending_actor_release = self.pending_actor_release, []
-            frames.append(wire.encode(("actor_release", released)))
+            freed, self.pending_free = self.pending_free, {}
+            frames.append(wire.encode(("free", list(freed))))
         return frames
 
     # ------------------------------------------------------------ receiving
@@ -335,9 +328,17 @@ class CoreClient:
         self.owned.update(object_ids)
 
     def add_ref(self, object_id):
+        """Count a live ObjectRef (or actor handle) for an object id."""
         count = self.ref_counts.get(object_id, 0)
         self.ref_counts[object_id] = count + 1
         if count == 0 and object_id not in self.owned and object_id not in self.borrowed:
+            was_owned = self.pending_free.pop(object_id, None)
+            if was_owned is not None:
+                # Dropped and rebuilt before the "free" went out: take the
+                # drop back (a borrow would reach the node manager before it).
+                (self.owned if was_owned else self.borrowed).add(object_id)
+                self.dropped_pending.pop(object_id, None)
+                return
             # A ref we were handed (inside a value): hold its object for us.
             self.borrowed.add(object_id)
             self.pending_borrow.append(object_id)
@@ -353,10 +354,10 @@ class CoreClient:
         owned = object_id in self.owned
         if owned:
             self.owned.discard(object_id)
-            self.pending_free.append(object_id)
+            self.pending_free[object_id] = True
         elif object_id in self.borrowed:
             self.borrowed.discard(object_id)
-            self.pending_free.append(object_id)
+            self.pending_free[object_id] = False
             if value is None:
                 self.dropped_pending[object_id] = True
                 if len(self.dropped_pending) > DROPPED_PENDING_MAX:
@@ -400,32 +401,43 @@ class CoreClient:
 
     # ------------------------------------------------------------ actors
     def create_actor(self, spec):
-        """Ask for an actor; a named one waits for the name to be granted."""
+        """Ask for an actor; a named one waits for the name to be granted.
+
+        Returns None, or with spec["get_if_exists"] the (actor_id,
+        class_name, methods) of the actor that already has the name."""
         if spec["name"] is None:
             self.send(("actor_create", spec, 0))
-            return
+            return None
         request_id = next(self.request_ids)
         self.send(("actor_create", spec, request_id))
-        error = self._reply(request_id, 30.0)
-        if error:
-            raise ValueError(error)
+        reply = self._reply(request_id, 30.0)
+        if isinstance(reply, str):
+            raise ValueError(reply)
+        return reply
 
     def call_actor(self, spec):
         self.send(("actor_call", spec))
 
-    def add_actor_handle(self, actor_id):
-        self.actor_handles[actor_id] = self.actor_handles.get(actor_id, 0) + 1
+    @property
+    def namespace(self):
+        """The namespace of this driver's job, or in a worker of the job of
+        the task it runs (named actors are looked up and registered there)."""
+        return self.namespace_info()[0]
 
-    def drop_actor_handle(self, actor_id):
-        count = self.actor_handles.get(actor_id, 0) - 1
-        if count > 0:
-            self.actor_handles[actor_id] = count
-        else:
-            self.actor_handles.pop(actor_id, None)
-            self.pending_actor_release.append(actor_id)
-
-    def escape_actor(self, actor_id):
-        self.pending_actor_escape.append(actor_id)
+    def namespace_info(self):
+        """(namespace, whether it is an anonymous one)."""
+        if self.role != "worker":
+            return self.driver_namespace
+        job_id = self.current_task_id[:ids.JOB_ID_SIZE]
+        found = self.job_namespaces.get(job_id)
+        if found is None:
+            found = self.request_info(("namespace", job_id))
+            if found is None:
+                raise RaySystemError(
+                    f"the node manager knows no namespace for job {job_id.hex()}: the "
+                    "driver that started this work never said which one it uses")
+            found = self.job_namespaces[job_id] = tuple(found)
+        return found
 
     # ------------------------------------------------------------ objects
     def put_serialized(self, object_id, serialized, contained):

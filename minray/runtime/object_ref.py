@@ -4,14 +4,16 @@ import threading
 from minray.runtime import core
 from minray.serialization import serialize
 
-# While minray serializes a value, the ids of the refs inside it are
-# collected here: the node manager keeps those objects alive as long as the
-# value that contains them (see minray.node_manager.objects).
+# While minray serializes a value, the ids of the refs inside it (and of
+# the actors whose handles it holds, minray.ids.actor_handle_id) are
+# collected here: the node manager keeps those objects and actors alive as
+# long as the value that contains them (see minray.node_manager.objects).
 _collecting = threading.local()
 
 
 def serialize_with_refs(value):
-    """serialize(value), and the ids of the ObjectRefs found inside it."""
+    """serialize(value), and the ids of the ObjectRefs (and counted actor
+    handles) found inside it."""
     outer = getattr(_collecting, "ids", None)
     _collecting.ids = found = []
     try:
@@ -19,6 +21,18 @@ def serialize_with_refs(value):
     finally:
         _collecting.ids = outer
     return serialized, found
+
+
+def note_pickled(object_id, client):
+    """A ref or actor handle is being pickled. Inside serialize_with_refs the
+    value being serialized will hold its object; pickled by other means (into
+    a file, by another framework) its copies can't be counted, so it escapes:
+    the node manager keeps it for good (an actor: until its creator exits)."""
+    found = getattr(_collecting, "ids", None)
+    if found is not None:
+        found.append(object_id)
+    elif client is not None:
+        client.escape(object_id)
 
 
 class ObjectRef:
@@ -67,11 +81,5 @@ class ObjectRef:
         return f"ObjectRef({self._id.hex()})"
 
     def __reduce__(self):
-        found = getattr(_collecting, "ids", None)
-        if found is not None:
-            found.append(self._id)        # minray counts the value as a holder
-        elif self._client is not None:
-            # Pickled by other means (into a file, another framework): copies
-            # nobody can count, so the object is kept until the cluster stops.
-            self._client.escape(self._id)
+        note_pickled(self._id, self._client)
         return ObjectRef, (self._id,)
