@@ -505,23 +505,23 @@ class CoreClient:
     def _all_or_an_error(self, missing):
         """A wait_until predicate: every id in missing has arrived, or one of
         them is an error. It runs after every batch of messages, so it stays
-        cheap: arrived ids are dropped as they come (mostly in order), and
+        cheap: the arrived prefix of missing is not looked at again (results
+        mostly come in order), and
         kinds are looked at only when a new error has arrived."""
         objects = self.objects
-        remaining = list(missing)
+        start = 0                       # missing[:start] have all arrived
         errors_seen = None              # the first call looks at every kind
 
         def ready():
-            nonlocal remaining, errors_seen
+            nonlocal start, errors_seen
             if self.errors_arrived != errors_seen:
                 errors_seen = self.errors_arrived
                 if any(objects[o][0] == ERROR for o in missing if o in objects):
                     return True
-            for index, object_id in enumerate(remaining):
-                if object_id not in objects:
-                    if index:
-                        remaining = remaining[index:]
+            while start < len(missing):
+                if missing[start] not in objects:
                     return False
+                start += 1
             return True
 
         return ready
