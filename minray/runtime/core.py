@@ -506,8 +506,7 @@ class CoreClient:
         """A wait_until predicate: every id in missing has arrived, or one of
         them is an error. It runs after every batch of messages, so it stays
         cheap: the arrived prefix of missing is not looked at again (results
-        mostly come in order), and
-        kinds are looked at only when a new error has arrived."""
+        mostly come in order), and kinds only when a new error has arrived."""
         objects = self.objects
         start = 0                       # missing[:start] have all arrived
         errors_seen = None              # the first call looks at every kind
