@@ -1,11 +1,15 @@
 """Actors on a node: placing them on dedicated workers, ordering their calls,
 naming them, restarting, retiring or burying them.
 
-Each actor has one FIFO of calls. A call leaves the FIFO for the actor's
-worker only when it and every call before it have their arguments, so the
-calls of each caller run in the order they were sent (calls from different
-callers interleave in arrival order). Calls whose actor is dead, or that were
-running when it died, fail with RayActorError.
+Calls are ordered per caller, as in Ray: each actor keeps one FIFO per
+caller (the connection of the driver or worker process that sent the call).
+A call leaves its FIFO for the actor's worker only when it and every earlier
+call in that FIFO have their arguments, so a call waiting for an argument
+holds back only the later calls of its own caller; the calls of different
+callers interleave in the order they became ready. A threaded or async actor
+(max_concurrency > 1 or async methods) keeps no order, as in Ray: each call
+goes to its worker as soon as its own arguments are there. Calls whose actor
+is dead, or that were running when it died, fail with RayActorError.
 
 Lifetime, as in Ray. A non-detached actor stops when its creator (owner)
 exits, and once nothing holds its handles: handles are counted by the object
@@ -38,7 +42,8 @@ class ActorState:
         self.owner = owner
         self.state = PENDING
         self.worker = None
-        self.calls = collections.deque()
+        self.calls = {}                   # caller -> deque of calls not yet sent
+        self.unordered = spec["max_concurrency"] > 1 or spec["is_async"]
         self.restarts_left = spec["max_restarts"]
         self.death = None                 # (meta, data) of the error calls get
         self.missing = 0                  # constructor arguments not ready yet
@@ -54,6 +59,14 @@ class ActorState:
         """(namespace, name) in the registry, or None for an unnamed actor."""
         name = self.spec["name"]
         return None if name is None else (self.spec["namespace"], name)
+
+    def caller(self, task):
+        """The FIFO a call joins: its sender's, or its own where calls keep no order."""
+        return task.task_id if self.unordered else task.owner
+
+    def queued_calls(self):
+        for queue in self.calls.values():
+            yield from queue
 
 
 def check_actor_spec(spec):
@@ -200,25 +213,36 @@ class ActorManager:
         task.missing = len(missing)
         for object_id in missing:
             self.waiting_calls.setdefault(object_id, []).append((actor, task))
-        actor.calls.append(task)
-        self.pump(actor)
+        caller = actor.caller(task)
+        queue = actor.calls.get(caller)
+        if queue is None:
+            queue = actor.calls[caller] = collections.deque()
+        queue.append(task)
+        self.pump(actor, (caller,))
 
-    def pump(self, actor):
-        """Send the actor's calls whose turn has come to its worker."""
+    def pump(self, actor, callers=None):
+        """Send the actor's calls whose turn has come to its worker: those of
+        `callers`' FIFOs, or of every FIFO."""
         if actor.state != ALIVE or actor.worker is None:
             return
         batch = []
         worker = actor.worker
-        while actor.calls and (actor.calls[0].missing == 0 or actor.calls[0].extra == "failed"):
-            task = actor.calls.popleft()
-            if task.extra == "failed":
+        for caller in list(actor.calls) if callers is None else callers:
+            queue = actor.calls.get(caller)
+            if queue is None:
                 continue
-            task.worker = worker
-            worker.queue.append(task)
-            spec = task.spec
-            batch.append((spec.task_id, None, None, spec.method,
-                          self.dispatcher.resolve_args(spec.args), spec.kwarg_names,
-                          spec.num_returns, worker.gpu_ids))
+            while queue and (queue[0].missing == 0 or queue[0].extra == "failed"):
+                task = queue.popleft()
+                if task.extra == "failed":
+                    continue
+                task.worker = worker
+                worker.queue.append(task)
+                spec = task.spec
+                batch.append((spec.task_id, None, None, spec.method,
+                              self.dispatcher.resolve_args(spec.args), spec.kwarg_names,
+                              spec.num_returns, worker.gpu_ids))
+            if not queue:
+                del actor.calls[caller]
         if batch:
             worker.conn.send(("tasks", batch))
         self.maybe_retire(actor)
@@ -234,14 +258,14 @@ class ActorManager:
             if actor.missing == 0:
                 self.unplaced.append(actor)
                 self.dispatcher.schedule()
-        touched = []
+        touched = {}                      # actor -> {caller: None}, in order
         for actor, task in self.waiting_calls.pop(object_id, ()):
             task.missing -= 1
             if entry.kind == ERROR and task.extra != "failed":
                 self.tasks.fail(task, entry.meta, entry.data)
-            touched.append(actor)
-        for actor in dict.fromkeys(touched):
-            self.pump(actor)
+            touched.setdefault(actor, {})[actor.caller(task)] = None
+        for actor, callers in touched.items():
+            self.pump(actor, callers)
 
     def call_done(self, worker):
         actor = self.actors.get(worker.actor)
@@ -314,8 +338,8 @@ class ActorManager:
             for task in running:
                 self.tasks.fail(task, meta, data)
             self.dispatcher.pool.remove(worker.worker_id)
-        while actor.calls:
-            task = actor.calls.popleft()
+        queued, actor.calls = list(actor.queued_calls()), {}
+        for task in queued:
             if task.extra != "failed":
                 self.tasks.fail(task, meta, data)
         key = actor.registered_name

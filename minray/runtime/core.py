@@ -63,6 +63,7 @@ class CoreClient:
         self.borrowed = set()        # ids of refs we were handed (not ours)
         self.pending_borrow = []
         self.errors_raised = set()   # error objects `get` has raised here
+        self.errors_arrived = 0      # error objects received so far (wakes `get`)
         self.dropped_pending = collections.OrderedDict()   # see DROPPED_PENDING_MAX
         self.subscribed = set()
         self.pending_free = {}       # id -> whether we owned it, until "free" is sent
@@ -283,6 +284,8 @@ class CoreClient:
             _, object_id, value_kind, meta, payload = message
             if object_id in self.ref_counts or object_id in self.subscribed:
                 self.objects[object_id] = (value_kind, meta, payload)
+                if value_kind == ERROR:
+                    self.errors_arrived += 1
             elif self.dropped_pending.pop(object_id, False) and value_kind == ERROR:
                 self._report_unhandled(meta, payload)
         elif kind == "tasks":
@@ -485,21 +488,56 @@ class CoreClient:
         self.send(("unblocked",))
 
     def get(self, object_ids, timeout=None):
+        """The values of object_ids, in order. As in Ray, an error among them
+        is raised as soon as it has arrived, without waiting for the others
+        (they may never come: a task waiting on what the failed one should
+        have done); with several, the first in list order that has arrived."""
         missing = self._missing(object_ids)
         if missing:
-            objects = self.objects
+            self._raise_first_error(object_ids)
             blocked = self._blocking()
             try:
-                done = self.wait_until(lambda: all(o in objects for o in missing), timeout)
+                done = self.wait_until(self._all_or_an_error(missing), timeout)
             finally:
                 if blocked:
                     self._unblocked()
             if not done:
-                pending = sum(1 for o in missing if o not in objects)
+                pending = sum(1 for o in missing if o not in self.objects)
                 raise GetTimeoutError(
                     f"get timed out after {timeout} s: {pending} of {len(object_ids)} "
                     "objects are not ready")
+            self._raise_first_error(object_ids)
         return [self.value(o) for o in object_ids]
+
+    def _raise_first_error(self, object_ids):
+        objects = self.objects
+        for object_id in object_ids:
+            value = objects.get(object_id)
+            if value is not None and value[0] == ERROR:
+                self.value(object_id)           # raises it
+
+    def _all_or_an_error(self, missing):
+        """A wait_until predicate: every id in missing has arrived, or one of
+        them is an error. It runs after every batch of messages, so it stays
+        cheap: the arrived prefix of missing is not looked at again (results
+        mostly come in order), and kinds only when a new error has arrived."""
+        objects = self.objects
+        start = 0                       # missing[:start] have all arrived
+        errors_seen = None              # the first call looks at every kind
+
+        def ready():
+            nonlocal start, errors_seen
+            if self.errors_arrived != errors_seen:
+                errors_seen = self.errors_arrived
+                if any(objects[o][0] == ERROR for o in missing if o in objects):
+                    return True
+            while start < len(missing):
+                if missing[start] not in objects:
+                    return False
+                start += 1
+            return True
+
+        return ready
 
     def wait(self, object_ids, num_returns, timeout):
         self._missing(object_ids)

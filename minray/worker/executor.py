@@ -17,7 +17,8 @@ from minray.runtime.object_ref import serialize_with_refs
 from minray.serialization import deserialize, serialize
 
 RESULT_BATCH = 32                 # results sent together when tasks are short ...
-RESULT_DELAY_S = 0.002            # ... but never held back longer than this
+RESULT_DELAY_S = 0.002            # ... but never held back longer than this, even
+                                  # while the next task runs (a timer thread sends them)
 
 
 class PrefixedStream:
@@ -61,9 +62,15 @@ class Executor:
         self.concurrency = None           # ConcurrentCalls of a threaded/async actor
         self.functions = {}
         self.gpu_ids = []
-        self.done = []
+        self.done = []                    # finished, not sent yet (under results_lock)
         self.unsent_values = []           # returned values whose results are not sent yet
+        self.results_lock = threading.Lock()
         self.last_send = time.monotonic()
+        # Set when a task starts while results wait to be sent: the timer
+        # thread sends them after RESULT_DELAY_S unless the loop did first.
+        self.results_waiting = threading.Event()
+        threading.Thread(target=self._send_waiting_results, daemon=True,
+                         name="minray-results").start()
 
     def loop(self):
         client = self.client
@@ -71,20 +78,41 @@ class Executor:
             if not client.tasks:
                 self.flush()
                 client.wait_until(lambda: bool(client.tasks))
+            elif self.done and not self.results_waiting.is_set():
+                # The next task may run long (or block): its predecessors'
+                # results must not wait for it.
+                self.results_waiting.set()
             self.run(client.tasks.popleft())
             if (not client.tasks or len(self.done) >= RESULT_BATCH
                     or time.monotonic() - self.last_send > RESULT_DELAY_S):
                 self.flush()
 
+    def _send_waiting_results(self):
+        while True:
+            self.results_waiting.wait()
+            time.sleep(RESULT_DELAY_S)
+            # Cleared before flushing: a result added after the flush has
+            # taken the list sets the event again (see loop).
+            self.results_waiting.clear()
+            try:
+                self.flush()
+            except Exception:           # the node manager is gone: the loop sees it too
+                return
+
     def flush(self):
-        if self.done:
+        # Sent under the lock, so no thread can report a later message (an
+        # actor's exit) before results another thread has taken.
+        with self.results_lock:
+            if not self.done:
+                return
             items, self.done = self.done, []
+            values, self.unsent_values = self.unsent_values, []
             self.client.send(("done", items))
-            # Only now may the returned values (and refs inside them) go: a
-            # ref dropped earlier would be released before the result that
-            # contains it was recorded.
-            self.unsent_values.clear()
             self.last_send = time.monotonic()
+        # Only now may the returned values (and refs inside them) go: a ref
+        # dropped earlier would be released before the result that contains
+        # it was recorded.
+        del values
 
     def run(self, dispatch):
         if dispatch[0] == "actor_init":
@@ -93,8 +121,9 @@ class Executor:
             self.concurrency.submit(dispatch)        # threaded or async actor
         else:
             item, value = self.execute(dispatch)
-            self.done.append(item)
-            self.unsent_values.append(value)
+            with self.results_lock:
+                self.done.append(item)
+                self.unsent_values.append(value)
 
     def execute(self, dispatch):
         """Run one task or actor call; return its ("done", ...) item and the
