@@ -9,7 +9,7 @@ message is read.
 """
 from typing import NamedTuple
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # How a value travels: inline (its bytes in messages), in the node's store,
 # or an error (inline bytes of a pickled exception).
@@ -28,6 +28,8 @@ class TaskSpec(NamedTuple):
     resources: dict
     max_retries: int
     contained: list         # ids of refs serialized inside inline arguments
+    max_calls: int = 0      # its worker exits after running this many (0: never)
+    parent_task_id: bytes = None    # the task (or driver) that submitted it
 
 
 class ActorCallSpec(NamedTuple):
@@ -93,6 +95,8 @@ TO_NODE_MANAGER = {
     "actor_release": ("actor_ids",),
     "actor_escape": ("actor_ids",),
     "actor_kill": ("actor_id", "no_restart"),
+    # Answered ("info", request_id, None), or with a str saying why it can't be.
+    "cancel": ("request_id", "object_id", "force", "recursive"),
 }
 
 # Node manager -> client: name -> fields.
@@ -106,11 +110,12 @@ TO_CLIENT = {
     "info": ("request_id", "result"),
     "failed": ("request_id", "reason"),         # the request could not be handled
     "path": ("paths",),                         # directories for sys.path
+    "cancel": ("task_id",),                     # stop this task (it answers in "done")
 }
 
 # Requests whose handler must answer even when it fails: name -> position of
 # the request id among the fields.
-REQUEST_ID_FIELD = {"info": 0, "actor_create": 1}
+REQUEST_ID_FIELD = {"info": 0, "actor_create": 1, "cancel": 0}
 
 
 def bad_message(message, expected):
