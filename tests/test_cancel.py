@@ -15,7 +15,7 @@ import pytest
 
 import minray
 from minray.exceptions import RayTaskError, TaskCancelledError
-from minray_driver import gone, module_cluster, poll, wait_for_file
+from minray_driver import gone, module_cluster, poll, run_driver, wait_for_file
 
 
 cluster = module_cluster(num_cpus=2)
@@ -330,12 +330,11 @@ def test_runtime_context_in_the_driver_tasks_and_actors():
 
 
 def test_runtime_context_needs_init():
-    proc_code = """
-import minray
-try:
-    minray.get_runtime_context()
-except RuntimeError as exc:
-    print("ERROR", exc)
-"""
-    from minray_driver import run_driver
-    assert "init" in run_driver(proc_code).stdout
+    proc = run_driver("""
+        import minray
+        try:
+            minray.get_runtime_context()
+        except RuntimeError as exc:
+            print("ERROR", exc)
+    """)
+    assert "ERROR" in proc.stdout and "init()" in proc.stdout

@@ -242,7 +242,8 @@ class CoreClient:
             with self.cond:
                 if predicate():
                     return True
-                if self.interrupt_requested and threading.current_thread() is threading.main_thread():
+                if (self.interrupt_requested
+                        and threading.current_thread() is threading.main_thread()):
                     # minray.cancel of the task this worker runs: interrupt it
                     # here, between reads, where no message is half handled.
                     self.interrupt_requested = False
