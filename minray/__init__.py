@@ -2,17 +2,19 @@
 from minray import exceptions
 from minray.actor import method
 from minray.api import (
-    available_resources, cluster_resources, error_info, get, get_actor, get_gpu_ids, init,
-    is_initialized, kill, nodes, put, remote, shutdown, wait,
+    available_resources, cancel, cluster_resources, error_info, get, get_actor, get_gpu_ids,
+    init, is_initialized, kill, nodes, put, remote, shutdown, wait,
 )
 from minray.runtime.object_ref import ObjectRef
+from minray.runtime_context import get_runtime_context
 from minray.serialization import register_custom_serializer
 from minray import util
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ObjectRef", "available_resources", "cluster_resources", "error_info", "exceptions",
-    "get", "get_actor", "get_gpu_ids", "init", "is_initialized", "kill", "method", "nodes",
-    "put", "register_custom_serializer", "remote", "shutdown", "util", "wait", "__version__",
+    "ObjectRef", "available_resources", "cancel", "cluster_resources", "error_info",
+    "exceptions", "get", "get_actor", "get_gpu_ids", "get_runtime_context", "init",
+    "is_initialized", "kill", "method", "nodes", "put", "register_custom_serializer",
+    "remote", "shutdown", "util", "wait", "__version__",
 ]

@@ -27,9 +27,11 @@ from minray.runtime import core
 from minray.runtime.object_ref import note_pickled
 
 ACTOR_OPTIONS = {
-    "num_cpus": "CPUs the actor holds while it lives (default 0, as in Ray)",
+    "num_cpus": "CPUs the actor holds while it lives (default 0, as in Ray; with no "
+                "resource option at all it needs 1 CPU while its constructor runs)",
     "num_gpus": "GPUs the actor holds; their ids are in minray.get_gpu_ids() inside it",
     "resources": "custom resources the actor holds",
+    "memory": "bytes of the node's memory resource the actor holds while it lives",
     "max_restarts": "times the actor is restarted (constructor re-run) if its process dies",
     "max_concurrency": "calls run at once (threads; async actors default to 1000)",
     "name": "register the actor under this name for minray.get_actor",
@@ -167,12 +169,18 @@ class ActorClass:
         actor_id = client.next_task_id()
         resources = dict(options)
         resources.setdefault("num_cpus", 0)
+        # As in Ray: an actor given no resource option holds no CPU while it
+        # lives, but is placed only where a CPU is free, and holds that CPU
+        # while its constructor runs (so constructors never outnumber CPUs).
+        default_shape = (options.get("num_cpus") is None and options.get("num_gpus") is None
+                         and not options.get("resources"))
         concurrency = options.get("max_concurrency") or (
             DEFAULT_ASYNC_CONCURRENCY if self._is_async else 1)
         spec = {
             "actor_id": actor_id, "class_id": self._class_id, "class_name": self._name,
             "args": entries, "kwarg_names": kwarg_names, "contained": contained,
             "resources": validate_resources(resources),
+            "placement": {"CPU": 1.0} if default_shape else {},
             "max_restarts": options.get("max_restarts", 0),
             "max_concurrency": concurrency, "is_async": self._is_async,
             "name": name, "namespace": namespace, "get_if_exists": get_if_exists,

@@ -18,7 +18,7 @@ from minray.session import read_token
 
 INIT_OPTIONS = ("address", "num_cpus", "num_gpus", "resources", "object_store_memory",
                 "num_gcs_shards", "log_to_driver", "ignore_reinit_error", "redis_address",
-                "num_workers", "include_webui", "configure_logging", "namespace")
+                "num_workers", "_memory", "include_webui", "configure_logging", "namespace")
 
 
 class _State:
@@ -37,13 +37,14 @@ def is_initialized():
 def init(address=None, *, num_cpus=None, num_gpus=None, resources=None,
          object_store_memory=None, num_gcs_shards=1, log_to_driver=True,
          ignore_reinit_error=False, redis_address=None, num_workers=None, namespace=None,
-         **unknown):
+         _memory=None, **unknown):
     """Start a local cluster (no address) or join a running one (address).
 
     ``namespace``: where this job's named actors are registered and looked
     up (default: an anonymous namespace of its own). ``redis_address`` and
     ``num_workers`` are the original docs' names for ``address`` and
-    ``num_cpus``.
+    ``num_cpus``. ``_memory`` (Ray's name) sets the node's ``memory``
+    resource in bytes.
     """
     for name in unknown:
         if name not in INIT_OPTIONS:
@@ -63,13 +64,14 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None,
         if address is None:
             cluster = LocalCluster(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
                                    object_store_memory=object_store_memory,
-                                   num_gcs_shards=num_gcs_shards, log_to_driver=log_to_driver)
+                                   num_gcs_shards=num_gcs_shards, log_to_driver=log_to_driver,
+                                   memory=_memory)
             cluster.start()
             session_dir, socket_path = cluster.session_dir, cluster.socket_path
         else:
             given = [name for name, value in (
                 ("num_cpus", num_cpus), ("num_gpus", num_gpus), ("resources", resources),
-                ("object_store_memory", object_store_memory))
+                ("object_store_memory", object_store_memory), ("_memory", _memory))
                 if value is not None]
             if num_gcs_shards != 1:
                 given.append("num_gcs_shards")
@@ -216,6 +218,31 @@ def get_actor(name, namespace=None):
     return ActorHandle(actor_id, class_name, methods)
 
 
+def cancel(object_ref, *, force=False, recursive=True):
+    """Cancel the task that makes `object_ref`; its `get` raises TaskCancelledError.
+
+    A task still queued never runs. A running task gets KeyboardInterrupt
+    (force=True: its worker is killed instead; it is not retried). With
+    recursive=True the tasks it submitted are cancelled too. A finished task
+    is left alone. An actor call is dropped if it has not started; one that
+    runs is interrupted only on an async actor, and otherwise finishes (it can
+    poll get_runtime_context().is_canceled()); force=True raises ValueError.
+    """
+    if not isinstance(object_ref, ObjectRef):
+        raise TypeError(f"cancel expects the ObjectRef of a task, got "
+                        f"{type(object_ref).__name__}")
+    object_id = object_ref.binary()
+    if ids.is_put(object_id):
+        raise ValueError("cancel needs the ObjectRef of a task; this one was made by put(), "
+                         "so there is no task to cancel")
+    client = _client()
+    request_id = next(client.request_ids)
+    client.send(("cancel", request_id, object_id, bool(force), bool(recursive)))
+    problem = client._reply(request_id, 30.0)
+    if problem:
+        raise ValueError(problem)
+
+
 def kill(actor, *, no_restart=True):
     """Stop an actor now: its calls in flight and later calls raise RayActorError.
 
@@ -318,12 +345,14 @@ def nodes():
 
 
 def get_gpu_ids():
-    """GPU ids assigned to the current task or actor (CUDA_VISIBLE_DEVICES)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    """GPU ids assigned to the current task or actor (also in its
+    CUDA_VISIBLE_DEVICES): ids of the node's CUDA_VISIBLE_DEVICES, as ints
+    where they are numbers."""
     client = core.current()
     if client is None or client.role != "worker":
         return []
-    return [int(g) for g in visible.split(",") if g.strip()]
+    from minray.runtime_context import worker
+    return list(worker.gpu_ids)
 
 
 def error_info():

@@ -56,6 +56,20 @@ class ObjectLostError(RayError):
     """An object was lost (evicted or its node died) and cannot be recomputed."""
 
 
+class TaskCancelledError(RayError):
+    """The task was cancelled with minray.cancel (before or while it ran)."""
+
+    def __init__(self, task_id=None, error_message=None):
+        self.task_id = task_id
+        self.error_message = error_message
+        Exception.__init__(self, task_id, error_message)
+
+    def __str__(self):
+        if self.error_message:
+            return self.error_message
+        return f"task {self.task_id} was cancelled" if self.task_id else "the task was cancelled"
+
+
 class TaskUnschedulableError(RayError, ValueError):
     """A task asks for resources no node of the cluster can ever provide."""
 

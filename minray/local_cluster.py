@@ -31,9 +31,10 @@ def _check_count(name, value):
 
 class LocalCluster:
     def __init__(self, num_cpus=None, num_gpus=None, resources=None, object_store_memory=None,
-                 num_gcs_shards=1, log_to_driver=True):
+                 num_gcs_shards=1, log_to_driver=True, memory=None):
         _check_count("num_cpus", num_cpus)
         _check_count("num_gpus", num_gpus)
+        _check_count("memory", memory)
         if resources is not None and not isinstance(resources, dict):
             raise ValueError(f"resources must be a dict of name -> amount, got {resources!r}")
         if object_store_memory is not None and (not isinstance(object_store_memory, int)
@@ -42,17 +43,27 @@ class LocalCluster:
                              f"{object_store_memory!r}")
         if not isinstance(num_gcs_shards, int) or num_gcs_shards < 1:
             raise ValueError(f"num_gcs_shards must be an int >= 1, got {num_gcs_shards!r}")
+        if memory is not None and "memory" in (resources or {}):
+            raise ValueError("the node's memory was given twice (_memory and "
+                             "resources={'memory': ...}); pass one")
         cpus = os.cpu_count() if num_cpus is None else num_cpus
-        gpus = num_gpus if num_gpus is not None else _visible_gpus()
+        self.gpu_ids = node_gpu_ids(num_gpus)
         self.resources = {"CPU": float(cpus)}
-        if gpus:
-            self.resources["GPU"] = float(gpus)
+        if self.gpu_ids:
+            self.resources["GPU"] = float(len(self.gpu_ids))
         for name, amount in (resources or {}).items():
             if name in ("CPU", "GPU"):
                 raise ValueError(f"use num_cpus / num_gpus instead of resources={{'{name}': ...}}")
             _check_count(f"resource {name!r}", amount)
             self.resources[name] = float(amount)
         self.object_store_memory = object_store_memory or default_capacity()
+        if "memory" not in self.resources:
+            # As in Ray: the heap memory tasks and actors may reserve with
+            # memory=..., by default what the machine has free at start,
+            # less the object store.
+            self.resources["memory"] = float(
+                memory if memory is not None
+                else max(0, available_memory() - self.object_store_memory))
         self.num_gcs_shards = num_gcs_shards
         self.log_to_driver = log_to_driver
         self.session_dir = None
@@ -71,7 +82,8 @@ class LocalCluster:
             "--session-dir", self.session_dir, "--resources", json.dumps(self.resources),
             "--object-store-memory", self.object_store_memory,
             "--num-gcs-shards", self.num_gcs_shards, "--parent-pid", os.getpid(),
-            "--ready-file", ready, "--num-workers", max(1, int(self.resources["CPU"])))
+            "--ready-file", ready, "--num-workers", max(1, int(self.resources["CPU"])),
+            "--gpu-ids", json.dumps(self.gpu_ids))
         if not self.log_to_driver:
             cmd.append("--no-log-to-driver")
         # Its own session: Ctrl-C in the driver's terminal interrupts the
@@ -134,11 +146,50 @@ def _kill_tree(pid):
         pass
 
 
-def _visible_gpus():
+def visible_gpu_ids():
+    """The GPU ids CUDA_VISIBLE_DEVICES allows (ints, or the strings it
+    holds, such as GPU UUIDs), or None if it is not set."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
+        return None
+    return [int(g) if g.isdigit() else g for g in (part.strip() for part in visible.split(","))
+            if g]
+
+
+def node_gpu_ids(num_gpus):
+    """The ids of the GPUs a node started from this process hands out.
+
+    They come from CUDA_VISIBLE_DEVICES when it is set: a task must never get
+    a GPU the user did not allow. Without it, num_gpus GPUs are numbered from 0.
+    """
+    visible = visible_gpu_ids()
+    if num_gpus is None:
+        return visible or []
+    if num_gpus != int(num_gpus):
+        raise ValueError(f"num_gpus of a node must be a whole number, got {num_gpus!r}")
+    if visible is None:
+        return list(range(int(num_gpus)))
+    if num_gpus > len(visible):
+        raise ValueError(
+            f"num_gpus={num_gpus!r} but CUDA_VISIBLE_DEVICES="
+            f"{os.environ['CUDA_VISIBLE_DEVICES']!r} allows only {len(visible)} GPU(s); "
+            "lower num_gpus or allow more devices in CUDA_VISIBLE_DEVICES")
+    return visible[:int(num_gpus)]
+
+
+def available_memory():
+    """Bytes of memory free for use on this machine now (MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
         return 0
-    return len([g for g in visible.split(",") if g.strip()])
 
 
 def _point_latest(session_dir):

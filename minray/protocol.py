@@ -31,6 +31,8 @@ class TaskSpec(NamedTuple):
     resources: dict
     max_retries: int
     contained: list         # ids of refs serialized inside inline arguments
+    max_calls: int = 0      # its worker exits after running this many (0: never)
+    parent_task_id: bytes = None    # the task (or driver) that submitted it
 
 
 class ActorCallSpec(NamedTuple):
@@ -99,6 +101,8 @@ TO_NODE_MANAGER = {
     "actor_ready": ("actor_id", "meta", "data", "error_text"),
     "actor_exit": (),
     "actor_kill": ("actor_id", "no_restart"),
+    # Answered ("info", request_id, None), or with a str saying why it can't be.
+    "cancel": ("request_id", "object_id", "force", "recursive"),
 }
 
 # Node manager -> client: name -> fields.
@@ -112,11 +116,12 @@ TO_CLIENT = {
     "info": ("request_id", "result"),
     "failed": ("request_id", "reason"),         # the request could not be handled
     "path": ("paths",),                         # directories for sys.path
+    "cancel": ("task_id",),                     # stop this task (it answers in "done")
 }
 
 # Requests whose handler must answer even when it fails: name -> position of
 # the request id among the fields.
-REQUEST_ID_FIELD = {"info": 0, "actor_create": 1}
+REQUEST_ID_FIELD = {"info": 0, "actor_create": 1, "cancel": 0}
 
 
 def bad_message(message, expected):

@@ -7,6 +7,7 @@ from minray.exceptions import SerializationError
 from minray.resources import check_amount
 from minray.runtime import core
 from minray.runtime.object_ref import ObjectRef, serialize_with_refs
+from minray.runtime_context import current_task
 
 TASK_OPTIONS = {
     "num_returns": "how many ObjectRefs .remote() returns (alias num_return_vals)",
@@ -14,7 +15,10 @@ TASK_OPTIONS = {
     "num_cpus": "CPUs the task holds while it runs (default 1)",
     "num_gpus": "GPUs the task holds; their ids are in minray.get_gpu_ids()",
     "resources": "custom resources, e.g. {'memory_bank': 1}",
+    "memory": "bytes of the node's memory resource the task reserves while it runs",
     "max_retries": "times a task is re-run if its worker dies (default 3)",
+    "max_calls": "its worker exits after running it this many times (default: no limit, "
+                 "1 for GPU tasks); only in @minray.remote",
     "name": "a name for the task in the state API",
 }
 DEFAULT_MAX_RETRIES = 3
@@ -29,28 +33,40 @@ def validate_resources(options):
     """Check num_cpus / num_gpus / resources; return the resource dict."""
     num_cpus = options.get("num_cpus", 1)
     num_gpus = options.get("num_gpus", 0)
+    memory = options.get("memory") or 0
     custom = options.get("resources") or {}
-    for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+    for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus), ("memory", memory)):
         check_amount(name, value)
     if not isinstance(custom, dict):
         raise ValueError(f"resources must be a dict of name -> amount, got {custom!r}")
     for name, value in custom.items():
         if name in ("CPU", "GPU"):
             raise ValueError(f"use num_cpus / num_gpus instead of resources={{'{name}': ...}}")
+        if name == "memory":
+            raise ValueError("use the memory=... option (bytes) instead of "
+                             "resources={'memory': ...}")
         if not isinstance(name, str):
             raise ValueError(f"resource names are strings, got {name!r}")
         check_amount(f"resource {name!r}", value)
     if num_gpus and num_gpus != int(num_gpus) and num_gpus > 1:
         raise ValueError(f"num_gpus above 1 must be a whole number, got {num_gpus}")
-    resources = {"CPU": float(num_cpus), "GPU": float(num_gpus)}
+    resources = {"CPU": float(num_cpus), "GPU": float(num_gpus), "memory": float(memory)}
     resources.update({k: float(v) for k, v in custom.items()})
     return {k: v for k, v in resources.items() if v}
 
 
-def validate_task_options(options):
+def validate_task_options(options, in_options=False):
     for name in options:
         if name not in TASK_OPTIONS:
             raise _bad_option(name, TASK_OPTIONS)
+    if "max_calls" in options:
+        max_calls = options["max_calls"]
+        if in_options:
+            # As in Ray: a worker counts calls per function, not per .options().
+            raise ValueError("max_calls can only be set in @minray.remote(...), "
+                             "not in .options()")
+        if isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 0:
+            raise ValueError(f"max_calls must be an int >= 0 (0: no limit), got {max_calls!r}")
     if "num_return_vals" in options:
         options = dict(options)
         options.setdefault("num_returns", options.pop("num_return_vals"))
@@ -107,6 +123,11 @@ class RemoteFunction:
         self._function = function
         self._options = validate_task_options(options)
         self._resources = validate_resources(self._options)   # once, not per call
+        # As in Ray, a GPU function's worker exits after each call unless told
+        # otherwise, so the GPU memory it took is given back.
+        self._max_calls = self._options.get("max_calls")
+        if self._max_calls is None:
+            self._max_calls = 1 if self._options.get("num_gpus") else 0
         self._name = getattr(function, "__qualname__", getattr(function, "__name__", "task"))
         self._pickled = None
         self._function_id = None
@@ -121,7 +142,7 @@ class RemoteFunction:
 
     def options(self, **options):
         merged = dict(self._options)
-        merged.update(validate_task_options(options))
+        merged.update(validate_task_options(options, in_options=True))
         return _BoundOptions(self, merged, validate_resources(merged))
 
     def remote(self, *args, **kwargs):
@@ -151,7 +172,8 @@ class RemoteFunction:
         # The fields of minray.protocol.TaskSpec, as a plain tuple.
         spec = (task_id, self._function_id, options.get("name", self._name), entries,
                 kwarg_names, num_returns, resources,
-                options.get("max_retries", DEFAULT_MAX_RETRIES), contained)
+                options.get("max_retries", DEFAULT_MAX_RETRIES), contained, self._max_calls,
+                current_task.get() or client.current_task_id)
         client.submit(spec)
         del keep_alive
         return refs

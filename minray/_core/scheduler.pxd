@@ -18,6 +18,7 @@ cdef class SchedulerQueues:
     cdef dict waiting                  # object id -> list of Task
     cdef dict ready                    # shape -> deque of Task
     cdef list shapes                   # round-robin order of shapes
+    cdef dict gpu_shapes               # shape -> it asks for a GPU (a worker kind)
     cdef Py_ssize_t next_shape
     cdef public Py_ssize_t num_ready
     cdef public Py_ssize_t num_waiting
@@ -29,6 +30,6 @@ cdef class SchedulerQueues:
     cpdef add(self, Task task, list missing)
     cpdef list object_available(self, bytes object_id)
     cpdef push_ready(self, Task task, bint front=*)
-    cpdef Task pop_dispatchable(self)
+    cpdef Task pop_dispatchable(self, bint gpu_ok=*, bint cpu_ok=*)
     cpdef Task pop_shape(self, tuple shape)
     cpdef list drain_waiting_on(self, bytes object_id)

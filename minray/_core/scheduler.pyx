@@ -36,6 +36,7 @@ cdef class SchedulerQueues:
         self.waiting = {}
         self.ready = {}
         self.shapes = []
+        self.gpu_shapes = {}
         self.next_shape = 0
         self.num_ready = 0
         self.num_waiting = 0
@@ -117,22 +118,30 @@ cdef class SchedulerQueues:
             queue = deque()
             self.ready[task.shape] = queue
             self.shapes.append(task.shape)
+            self.gpu_shapes[task.shape] = task.resources.get("GPU", 0.0) > 0
         if front:
             queue.appendleft(task)
         else:
             queue.append(task)
         self.num_ready += 1
 
-    cpdef Task pop_dispatchable(self):
-        """The next ready task whose resources fit now (round-robin over shapes)."""
+    cpdef Task pop_dispatchable(self, bint gpu_ok=True, bint cpu_ok=True):
+        """The next ready task whose resources fit now (round-robin over shapes).
+
+        gpu_ok / cpu_ok False: skip the shapes that ask for GPUs / that don't
+        (no worker of that kind is free this round).
+        """
         cdef Py_ssize_t n = len(self.shapes)
         cdef Py_ssize_t i
         cdef tuple shape
         cdef Task task
+        cdef bint every_kind = gpu_ok and cpu_ok
         for i in range(n):
             shape = self.shapes[(self.next_shape + i) % n]
             queue = self.ready[shape]
             if not queue:
+                continue
+            if not every_kind and not (gpu_ok if self.gpu_shapes[shape] else cpu_ok):
                 continue
             task = queue[0]
             if self.fits(task.resources):

@@ -21,6 +21,8 @@ def main(argv=None):
     parser.add_argument("--resources", required=True, help="JSON dict, e.g. {\"CPU\": 2}")
     parser.add_argument("--object-store-memory", type=int, required=True)
     parser.add_argument("--num-workers", type=int)
+    parser.add_argument("--gpu-ids", help="JSON list of the GPU ids this node hands out "
+                        "(its CUDA_VISIBLE_DEVICES); default 0 .. GPU-1")
     parser.add_argument("--head", action="store_true")
     parser.add_argument("--num-gcs-shards", type=int, default=1)
     parser.add_argument("--embedded", action="store_true",
@@ -39,6 +41,10 @@ def main(argv=None):
     token = read_token(args.session_dir)
     node_id = os.urandom(16)
     resources = json.loads(args.resources)
+    gpu_ids = json.loads(args.gpu_ids) if args.gpu_ids else None
+    if gpu_ids is not None and len(gpu_ids) != int(resources.get("GPU", 0)):
+        parser.error(f"--gpu-ids lists {len(gpu_ids)} GPUs but the resources say "
+                     f"{resources.get('GPU', 0)}")
     gcs_processes = GcsProcesses(args.session_dir, args.num_gcs_shards) if args.head else None
 
     def connect_gcs():
@@ -60,7 +66,8 @@ def main(argv=None):
     try:
         run_node_manager(args.session_dir, node_id, resources, args.object_store_memory,
                          token, connect_gcs, args.num_workers, args.embedded, args.ready_file,
-                         args.parent_pid, log_to_driver=not args.no_log_to_driver)
+                         args.parent_pid, log_to_driver=not args.no_log_to_driver,
+                         gpu_ids=gpu_ids)
     finally:
         if profile_path:
             profiler.disable()

@@ -24,7 +24,7 @@ import logging
 
 from minray import ids
 from minray._core.scheduler import Task
-from minray.exceptions import RayActorError, TaskUnschedulableError
+from minray.exceptions import RayActorError, TaskCancelledError, TaskUnschedulableError
 from minray.node_manager.objects import error_object
 from minray.node_manager.tasks import MalformedSpec, check_args, parse_spec
 from minray.protocol import ACTOR_HANDLES, ERROR, ActorCallSpec
@@ -68,6 +68,11 @@ class ActorState:
         for queue in self.calls.values():
             yield from queue
 
+    @property
+    def placement(self):
+        """Resources it needs only while it is placed and constructed."""
+        return self.spec.get("placement") or {}
+
 
 def check_actor_spec(spec):
     if not isinstance(spec, dict):
@@ -75,6 +80,9 @@ def check_actor_spec(spec):
     if not is_valid_request(spec.get("resources")):
         raise MalformedSpec(f"resources must map names to finite amounts >= 0, "
                             f"got {spec.get('resources')!r}")
+    if not is_valid_request(spec.get("placement") or {}):
+        raise MalformedSpec(f"placement must map names to finite amounts >= 0, "
+                            f"got {spec.get('placement')!r}")
     check_args(spec["args"], spec["contained"])
     if spec["name"] is not None and not (isinstance(spec["name"], str)
                                          and isinstance(spec.get("namespace"), str)):
@@ -103,6 +111,7 @@ class ActorManager:
         self.waiting_creation = {}        # object id -> [actor]
         self.waiting_calls = {}           # object id -> [(actor, task)]
         dispatcher.place_actors = self.place
+        tasks.cancel_actor_call = self.cancel_call
         objects.ready_listeners.append(self.object_ready)
         objects.freed_listeners.append(self.handles_freed)
 
@@ -135,10 +144,16 @@ class ActorManager:
         failed, missing = self.tasks.claim_args(spec["args"], spec["contained"],
                                                 f"actor {spec['class_name']}")
         queues = self.dispatcher.queues
-        if not queues.feasible(actor.resources):
+        needed = dict(actor.resources)
+        for name, amount in actor.placement.items():
+            needed[name] = needed.get(name, 0.0) + amount
+        if not queues.feasible(needed):
             self.die(actor, TaskUnschedulableError(
-                f"actor {spec['class_name']} asks for {actor.resources} but this cluster has "
-                f"{queues.total_resources} in total: it can never be placed"))
+                f"actor {spec['class_name']} asks for {needed} to be placed but this cluster "
+                f"has {queues.total_resources} in total: it can never be placed"
+                + (" (an actor with no resource options needs 1 CPU while its constructor "
+                   "runs, as in Ray; pass num_cpus=0 to place it without one)"
+                   if actor.placement else "")))
             return
         if failed is not None:
             self.die_with(actor, *failed)
@@ -159,7 +174,8 @@ class ActorManager:
                 self.unplaced.popleft()
                 continue
             worker = dispatcher.lease_dedicated(
-                actor.resources, lambda w: self.owned_counts[w.conn] > 0)
+                actor.resources, actor.placement,
+                unsuitable=lambda w: self.owned_counts[w.conn] > 0)
             if worker is None:
                 break
             self.unplaced.popleft()
@@ -188,6 +204,7 @@ class ActorManager:
             self.die_with(actor, meta, data)
             return
         actor.state = ALIVE
+        self.dispatcher.end_placement(actor.worker)      # e.g. the default actor's CPU
         self.lineage.actor(actor_id, self._record(actor))
         self.pump(actor)
 
@@ -266,6 +283,36 @@ class ActorManager:
             touched.setdefault(actor, {})[actor.caller(task)] = None
         for actor, callers in touched.items():
             self.pump(actor, callers)
+
+    def cancel_call(self, task_id, force):
+        """minray.cancel of an actor call: None, or why it can't be done.
+
+        As in Ray: force=True is refused for actor calls; a call not yet sent
+        to the actor is dropped; one sent already is dropped by the actor if
+        it has not started, interrupted if it runs on an async actor, and
+        otherwise left to finish, its result replaced by TaskCancelledError.
+        """
+        for actor in self.actors.values():
+            queued = next((t for t in actor.calls if t.task_id == task_id), None)
+            sent = None
+            if queued is None and actor.worker is not None:
+                sent = next((t for t in actor.worker.queue if t.task_id == task_id), None)
+            if queued is None and sent is None:
+                continue
+            if force:
+                return ("force=True is not supported for actor calls: an actor's state "
+                        "would be lost with its process; cancel without force, or "
+                        "minray.kill the actor")
+            if queued is not None:
+                actor.calls.remove(queued)
+                self.tasks.fail(queued, *error_object(TaskCancelledError(
+                    task_id.hex(), f"actor call {queued.spec.method} was cancelled with "
+                    "minray.cancel")), state="CANCELLED")
+                self.pump(actor)
+            elif not actor.worker.dead:
+                actor.worker.conn.send(("cancel", task_id))
+            return None
+        return None                       # finished, or never here: nothing to do
 
     def call_done(self, worker):
         actor = self.actors.get(worker.actor)

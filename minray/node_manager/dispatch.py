@@ -3,7 +3,17 @@
 A worker running tasks holds a *lease*: the resources of the task shape it
 runs. Tasks of a function that runs briefly are queued on a busy worker of
 the same shape (pipelining); a worker blocked in get/wait lends its CPUs out
-and hands back the tasks queued on it. GPU ids are handed out with leases.
+and hands back the tasks queued on it. GPU ids are handed out with leases,
+from the ids the node was given (its CUDA_VISIBLE_DEVICES).
+
+Workers are keyed by kind, as Ray keys its worker pool: a worker that ran a
+GPU task runs only GPU tasks afterwards, and one that ran a CPU task only CPU
+tasks (a process that touched a GPU keeps its CUDA context). A fresh worker
+takes either; when none of the right kind is idle and the pool is full, an
+idle worker of the other kind is retired to make room.
+
+A task with max_calls retires its worker after that many runs of its
+function there: the worker takes nothing more and exits once idle.
 
 Dispatch runs once per batch of incoming messages, right before replies are
 written (OutputBatcher.before_flush): one event-loop iteration per batch.
@@ -25,13 +35,52 @@ SHORT_TASK_S = 0.002           # ... at most this long on average
 MEDIUM_PIPELINE_DEPTH = 2      # queue length for functions that run ...
 MEDIUM_TASK_S = 0.05           # ... at most this long on average
 MIN_MAX_WORKERS = 16
+EPSILON = 1e-9
+GPU_KIND, CPU_KIND = "gpu", "cpu"
+
+
+class GpuSlots:
+    """The node's GPU ids and how much of each one is free.
+
+    A request of one GPU or more takes that many whole free GPUs. A fraction
+    goes to the busiest GPU that still has room for it, so fractions pack
+    together and whole GPUs stay free for whole requests.
+    """
+
+    def __init__(self, gpu_ids):
+        self.ids = list(gpu_ids)
+        self.free = dict.fromkeys(self.ids, 1.0)
+
+    def take(self, amount):
+        """The ids for `amount` GPUs, or None if the free GPUs can't hold it now."""
+        if amount >= 1.0 - EPSILON:
+            wanted = int(round(amount))
+            whole = [g for g in self.ids if self.free[g] >= 1.0 - EPSILON]
+            if len(whole) < wanted:
+                return None
+            for gpu in whole[:wanted]:
+                self.free[gpu] = 0.0
+            return whole[:wanted]
+        roomy = [g for g in self.ids if self.free[g] >= amount - EPSILON]
+        if not roomy:
+            return None
+        gpu = min(roomy, key=self.free.__getitem__)
+        self.free[gpu] -= amount
+        return [gpu]
+
+    def give_back(self, gpu_ids, amount):
+        share = 1.0 if amount >= 1.0 - EPSILON else amount
+        for gpu in gpu_ids:
+            self.free[gpu] = min(1.0, self.free[gpu] + share)
 
 
 class Dispatcher:
-    def __init__(self, resources, pool, objects, num_workers, batcher):
+    def __init__(self, resources, pool, objects, num_workers, batcher, gpu_ids=None):
         self.queues = SchedulerQueues(resources)
         self.resources = dict(resources)
-        self.free_gpus = list(range(int(resources.get("GPU", 0))))
+        if gpu_ids is None:
+            gpu_ids = range(int(resources.get("GPU", 0)))
+        self.gpus = GpuSlots(gpu_ids)
         self.pool = pool
         self.objects = objects
         self.num_workers = num_workers
@@ -41,6 +90,7 @@ class Dispatcher:
         self.idle = []
         self.pending = False
         self.place_actors = None   # called first in each dispatch round
+        self.drop_cancelled = None # fails a cancelled task found back in the queue
         self.batcher = batcher
         batcher.before_flush = self._dispatch_if_pending
 
@@ -64,21 +114,30 @@ class Dispatcher:
             self.place_actors()
         batches = {}
         queues = self.queues
-        while queues.num_ready:
-            task = queues.pop_dispatchable()
+        gpu_ok = cpu_ok = True       # False: no worker of that kind this round
+        while queues.num_ready and (gpu_ok or cpu_ok):
+            task = queues.pop_dispatchable(gpu_ok, cpu_ok)
             if task is None:
                 break
-            if task.extra == "failed":
+            if task.extra is not None and self._dropped(task):
                 continue
-            if not self.idle:
+            wants_gpu = task.resources.get("GPU", 0.0) > 0
+            worker = self._idle_worker(wants_gpu)
+            if worker is None or (wants_gpu and not self._take_gpus(worker, task.resources)):
+                # No idle worker of its kind, or the free GPUs are split
+                # between fractions: tasks of that kind wait for the next round.
                 queues.push_ready(task, front=True)
-                self.start_workers()
-                break
-            worker = self.idle.pop()
+                if worker is None:
+                    self._make_room(wants_gpu)
+                if wants_gpu:
+                    gpu_ok = False
+                else:
+                    cpu_ok = False
+                continue
+            self._take_idle(worker, wants_gpu)
             queues.acquire(task.resources)
             worker.lease = task.resources
             worker.lease_shape = task.shape
-            self._take_gpus(worker, task.resources)
             self._assign(worker, task, batches)
         if queues.num_ready:
             self._pipeline(batches)
@@ -88,17 +147,18 @@ class Dispatcher:
     def _pipeline(self, batches):
         """Queue more short and medium tasks of the same shape on busy workers."""
         for worker in self.pool.workers.values():
-            if worker.blocked or worker.lease_shape is None or worker.actor is not None:
+            if (worker.blocked or worker.lease_shape is None or worker.actor is not None
+                    or worker.retiring):
                 continue
             # The tightest limit of what the worker holds: nothing waits behind
             # a long or untimed task, however short the newcomer.
             limit = min((self._pipeline_depth(t.spec.function_id) for t in worker.queue),
                         default=PIPELINE_DEPTH)
-            while len(worker.queue) < limit:
+            while len(worker.queue) < limit and not worker.retiring:
                 task = self.queues.pop_shape(worker.lease_shape)
                 if task is None:
                     break
-                if task.extra == "failed":
+                if task.extra is not None and self._dropped(task):
                     continue
                 depth = self._pipeline_depth(task.spec.function_id)
                 if len(worker.queue) >= depth:
@@ -114,10 +174,25 @@ class Dispatcher:
             return 1
         return PIPELINE_DEPTH if seconds <= SHORT_TASK_S else MEDIUM_PIPELINE_DEPTH
 
+    def _dropped(self, task):
+        """A queued task that must not run: it failed, or was cancelled after
+        a worker handed it back."""
+        if task.extra == "failed":
+            return True
+        if task.extra == "cancel" and self.drop_cancelled is not None:
+            self.drop_cancelled(task)
+            return True
+        return False
+
     def _assign(self, worker, task, batches):
         task.worker = worker
         worker.queue.append(task)
         spec = task.spec
+        if spec.max_calls:
+            calls = worker.calls.get(spec.function_id, 0) + 1
+            worker.calls[spec.function_id] = calls
+            if calls >= spec.max_calls:
+                worker.retiring = True          # takes no more; exits once idle
         pickled = None
         if spec.function_id not in worker.functions:
             worker.functions.add(spec.function_id)
@@ -150,14 +225,61 @@ class Dispatcher:
         self.schedule()
 
     def start_workers(self, for_actor=False):
+        """Start a worker unless one is starting or the pool is full; True
+        if a fresh worker is on its way."""
+        if self.pool.starting:
+            return True
         # Actors' dedicated workers do not count against the task-worker cap.
         workers = self.pool.workers.values()
         task_workers = sum(1 for w in workers if w.actor is None)
         blocked = sum(1 for w in workers if w.blocked)
-        live = task_workers + len(self.pool.starting)
-        if self.pool.starting or (not for_actor and live >= self.max_workers + blocked):
+        if not for_actor and task_workers >= self.max_workers + blocked:
+            return False
+        return self.pool.start() is not None
+
+    def _idle_worker(self, wants_gpu, unsuitable=None):
+        """An idle worker for a task of this kind: one of that kind (the most
+        recently idle first), else a fresh one; None if there is neither.
+        Workers for which unsuitable(worker) is true are passed over."""
+        idle = self.idle
+        if not idle:
+            return None
+        kind = GPU_KIND if wants_gpu else CPU_KIND
+        if unsuitable is None and idle[-1].kind == kind:
+            return idle[-1]
+        fresh = None
+        for worker in reversed(idle):
+            if unsuitable is not None and unsuitable(worker):
+                continue
+            if worker.kind == kind:
+                return worker
+            if fresh is None and worker.kind is None:
+                fresh = worker
+        return fresh
+
+    def _take_idle(self, worker, wants_gpu):
+        if self.idle[-1] is worker:
+            self.idle.pop()
+        else:
+            self.idle.remove(worker)
+        worker.kind = GPU_KIND if wants_gpu else CPU_KIND
+
+    def _make_room(self, wants_gpu, for_actor=False):
+        """No idle worker of this kind: start one, or, with the pool full,
+        retire an idle worker of the other kind so a fresh one can start."""
+        if self.start_workers(for_actor):
             return
-        self.pool.start()
+        other = CPU_KIND if wants_gpu else GPU_KIND
+        for worker in self.idle:
+            if worker.kind == other:
+                self.idle.remove(worker)
+                self.retire(worker)
+                return
+
+    def retire(self, worker):
+        """Let a worker go: it exits, and the pool replaces it as needed."""
+        worker.retiring = True
+        self.pool.retire(worker.worker_id)
 
     def keep_task_workers(self):
         """Keep one task worker per CPU (after one became an actor's, or died)."""
@@ -166,33 +288,56 @@ class Dispatcher:
         if task_workers + len(self.pool.starting) < self.num_workers:
             self.pool.start()
 
-    def lease_dedicated(self, resources, unsuitable=None):
+    def lease_dedicated(self, resources, placement=None, unsuitable=None):
         """An idle worker holding `resources` for an actor, or None (a worker
         is being started, or the resources are not free now). Idle workers
-        for which unsuitable(worker) is true are passed over."""
-        if not self.queues.fits(resources):
+        for which unsuitable(worker) is true are passed over.
+
+        `placement`: resources it holds only until its constructor is done
+        (end_placement); Ray's default actor needs a CPU to be placed.
+        """
+        needed = resources
+        if placement:
+            needed = dict(resources)
+            for name, amount in placement.items():
+                needed[name] = needed.get(name, 0.0) + amount
+        if not self.queues.fits(needed):
             return None
-        for index in range(len(self.idle) - 1, -1, -1):
-            if unsuitable is None or not unsuitable(self.idle[index]):
-                worker = self.idle.pop(index)
-                break
-        else:
-            self.start_workers(for_actor=True)
+        wants_gpu = resources.get("GPU", 0.0) > 0
+        worker = self._idle_worker(wants_gpu, unsuitable)
+        if worker is None:
+            self._make_room(wants_gpu, for_actor=True)
             return None
-        self.queues.acquire(resources)
-        self._take_gpus(worker, resources)
+        if wants_gpu and not self._take_gpus(worker, resources):
+            return None
+        self._take_idle(worker, wants_gpu)
+        self.queues.acquire(needed)
+        worker.lease = dict(placement) if placement else None
         return worker
+
+    def end_placement(self, worker):
+        """An actor's constructor is done: give back what only placing it needed."""
+        if worker.lease is not None:
+            self.queues.release(_kept(worker.lease) if worker.blocked else worker.lease)
+            worker.lease = None
+            self.schedule()
 
     def return_dedicated(self, worker, resources):
         self.queues.release(resources)
+        self.end_placement(worker)
         self._return_gpus(worker)
 
     def release_if_idle(self, worker):
-        """A task worker whose queue emptied gives its lease back and idles."""
+        """A task worker whose queue emptied gives its lease back and idles
+        (or exits, if it ran a function's max_calls)."""
         if worker.queue or worker.dead:
             return
         self._drop_lease(worker)
-        if worker.actor is None and worker not in self.idle:
+        if worker.actor is not None:
+            return
+        if worker.retiring:
+            self.pool.retire(worker.worker_id)
+        elif worker not in self.idle:
             self.idle.append(worker)
 
     def _drop_lease(self, worker):
@@ -212,13 +357,19 @@ class Dispatcher:
         return queue
 
     def _take_gpus(self, worker, resources):
-        gpus = int(resources.get("GPU", 0))
-        if gpus:
-            worker.gpu_ids, self.free_gpus = self.free_gpus[:gpus], self.free_gpus[gpus:]
+        """Give the worker GPU ids for `resources`; False if they can't be had now."""
+        amount = resources.get("GPU", 0.0)
+        gpu_ids = self.gpus.take(amount)
+        if gpu_ids is None:
+            return False
+        worker.gpu_ids, worker.gpu_share = gpu_ids, amount
+        return True
 
     def _return_gpus(self, worker):
-        self.free_gpus.extend(worker.gpu_ids)
+        if worker.gpu_ids:
+            self.gpus.give_back(worker.gpu_ids, worker.gpu_share)
         worker.gpu_ids = []
+        worker.gpu_share = 0.0
 
     # ------------------------------------------------------------ blocking
     def blocked(self, worker, not_started):

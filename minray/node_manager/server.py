@@ -59,7 +59,7 @@ class Connection(wire.FramedServerProtocol):
 
 class NodeManager:
     def __init__(self, session_dir, node_id, resources, store_capacity, token,
-                 num_workers=None, embedded=False, log_to_driver=True):
+                 num_workers=None, embedded=False, log_to_driver=True, gpu_ids=None):
         self.session_dir = session_dir
         self.node_id = node_id
         self.token = token
@@ -80,7 +80,7 @@ class NodeManager:
         self.lineage = LineageLog(node_id, lambda object_id: object_id in self.objects.entries)
         self.dispatcher = Dispatcher(resources, self.pool, self.objects,
                                      num_workers or max(1, int(resources.get("CPU", 1))),
-                                     self.batcher)
+                                     self.batcher, gpu_ids)
         self.tasks = TaskManager(self.dispatcher, self.objects, self.lineage)
         self.actors = ActorManager(self.dispatcher, self.tasks, self.objects, self.lineage)
         actors = self.actors
@@ -94,6 +94,7 @@ class NodeManager:
             "actor_ready": actors.on_ready,
             "actor_exit": lambda conn: actors.on_exit(conn.worker),
             "actor_kill": lambda conn, actor_id, no_restart: actors.kill(actor_id, no_restart),
+            "cancel": self.tasks.cancel,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -289,9 +290,9 @@ class NodeManager:
 
 def run_node_manager(session_dir, node_id, resources, store_capacity, token, connect_gcs,
                      num_workers=None, embedded=False, ready_path=None, parent_pid=None,
-                     log_to_driver=True):
+                     log_to_driver=True, gpu_ids=None):
     manager = NodeManager(session_dir, node_id, resources, store_capacity, token,
-                          num_workers, embedded, log_to_driver)
+                          num_workers, embedded, log_to_driver, gpu_ids)
     try:
         asyncio.run(manager.run(ready_path, parent_pid, connect_gcs))
     except Exception:

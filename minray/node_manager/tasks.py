@@ -9,7 +9,9 @@ import logging
 
 from minray import ids
 from minray._core.scheduler import Task
-from minray.exceptions import ObjectLostError, TaskUnschedulableError, WorkerCrashedError
+from minray.exceptions import (
+    ObjectLostError, TaskCancelledError, TaskUnschedulableError, WorkerCrashedError,
+)
 from minray.node_manager.dispatch import pop_from_worker
 from minray.node_manager.objects import error_object
 from minray.protocol import ERROR, IN_STORE, ActorCallSpec, TaskSpec
@@ -45,6 +47,11 @@ def parse_task_spec(fields):
     if not is_valid_request(spec.resources):
         raise MalformedSpec(f"resources must map names to finite amounts >= 0, "
                             f"got {spec.resources!r}")
+    if isinstance(spec.max_calls, bool) or not isinstance(spec.max_calls, int) \
+            or spec.max_calls < 0:
+        raise MalformedSpec(f"max_calls must be an int >= 0, got {spec.max_calls!r}")
+    if spec.parent_task_id is not None and not isinstance(spec.parent_task_id, bytes):
+        raise MalformedSpec("parent_task_id must be a task id or None")
     return spec
 
 
@@ -75,7 +82,9 @@ class TaskManager:
         self.objects = objects
         self.lineage = lineage
         self.tasks = {}              # task id -> Task, queued or running
+        self.cancel_actor_call = None   # set by the actor manager: (task id, force) -> reason
         objects.ready_listeners.append(self.object_ready)
+        dispatcher.drop_cancelled = self.fail_cancelled
 
     # ------------------------------------------------------------ submission
     def submit(self, conn, fields):
@@ -154,12 +163,12 @@ class TaskManager:
             self.objects.drop_task_ref(object_id)
 
     # ------------------------------------------------------------ endings
-    def fail(self, task, meta, data, error_text=None):
+    def fail(self, task, meta, data, error_text=None, state="FAILED"):
         """Set every return of a task to an error object (it never runs again)."""
         if task.extra == "failed":
             return
         task.extra = "failed"
-        self.finish(task, "FAILED")
+        self.finish(task, state)
         if error_text:
             self.report_error(task, error_text)
         for index in range(1, task.spec.num_returns + 1):
@@ -169,6 +178,10 @@ class TaskManager:
 
     def fail_with(self, task, exc):
         self.fail(task, *error_object(exc))
+
+    def fail_cancelled(self, task, why="cancelled with minray.cancel"):
+        self.fail(task, *error_object(TaskCancelledError(
+            task.task_id.hex(), f"task {spec_name(task.spec)} was {why}")), state="CANCELLED")
 
     def finish(self, task, state):
         self.tasks.pop(task.task_id, None)
@@ -200,7 +213,13 @@ class TaskManager:
                 continue
             if worker.actor is None:
                 self.dispatcher.record_duration(task.spec.function_id, seconds)
-            self.finish(task, "FAILED" if error_text else "FINISHED")
+            if error_text:
+                state = "FAILED"
+            elif task.extra == "cancel" and results and results[0][1] == ERROR:
+                state = "CANCELLED"          # the worker stopped it (see cancel)
+            else:
+                state = "FINISHED"
+            self.finish(task, state)
             if error_text:                 # recorded before the driver can see it
                 self.report_error(task, error_text)
             for object_id, kind, meta, payload, contained in results:
@@ -223,11 +242,16 @@ class TaskManager:
         queue = self.dispatcher.worker_gone(worker)
         for task in reversed(queue[1:]):           # never started: just requeue
             task.worker = None
-            self.queues.push_ready(task, front=True)
+            if task.extra == "cancel":
+                self.fail_cancelled(task)
+            else:
+                self.queues.push_ready(task, front=True)
         if queue:
             running = queue[0]
             running.worker = None
-            if running.retries_left > 0:
+            if running.extra == "cancel":          # minray.cancel: never retried
+                self.fail_cancelled(running)
+            elif running.retries_left > 0:
                 running.retries_left -= 1
                 log.warning("worker %s died running %s; retrying (%d retries left)",
                             worker.pid, running.spec.name, running.retries_left)
@@ -236,6 +260,48 @@ class TaskManager:
                 text = (f"the worker (pid={worker.pid}) running task {running.spec.name} died "
                         "and the task has no retries left (max_retries)")
                 self.fail(running, *error_object(WorkerCrashedError(text)), error_text=text)
+
+    # ------------------------------------------------------------ cancel
+    def cancel(self, conn, request_id, object_id, force, recursive):
+        """minray.cancel of the task that makes `object_id`: answered with None,
+        or with why it can't be done (the caller raises ValueError with it)."""
+        if not isinstance(object_id, bytes) or len(object_id) != ids.OBJECT_ID_SIZE:
+            raise ValueError(f"cancel needs an object id of {ids.OBJECT_ID_SIZE} bytes")
+        conn.send(("info", request_id, self.cancel_task(ids.task_of(object_id),
+                                                         bool(force), bool(recursive))))
+
+    def cancel_task(self, task_id, force, recursive):
+        """Cancel a task (or actor call) by id, and with `recursive` the tasks
+        it submitted that are still queued or running. A finished or unknown
+        task is left alone, as in Ray."""
+        if recursive:
+            # Children are found by their spec's parent: cancelling is rare,
+            # so this scan costs nothing on the path of ordinary tasks.
+            for child in [t for t in self.tasks.values()
+                          if t.spec.parent_task_id == task_id and t.extra != "failed"]:
+                self.cancel_task(child.task_id, force, True)
+        task = self.tasks.get(task_id)
+        if task is None:
+            if self.cancel_actor_call is not None:
+                return self.cancel_actor_call(task_id, force)
+            return None
+        if task.extra == "failed":
+            return None
+        worker = task.worker
+        if worker is None:                         # queued here: it never runs
+            self.queues.remove_ready(task)         # (or parked on its arguments)
+            self.fail_cancelled(task)
+            return None
+        task.extra = "cancel"                      # whatever happens next, no retry
+        if force and worker.queue and worker.queue[0] is task:
+            log.info("cancel(force=True): killing worker %s running %s",
+                     worker.pid, spec_name(task.spec))
+            self.dispatcher.pool.kill(worker.worker_id)     # -> worker_died
+        else:
+            # The worker drops it if it has not started it, or interrupts it
+            # (KeyboardInterrupt); either way it answers in "done".
+            worker.conn.send(("cancel", task_id))
+        return None
 
     def rows(self, node_hex):
         return [{"id": t.task_id.hex(), "name": spec_name(t.spec),

@@ -38,6 +38,13 @@ class WorkerState:
         self.lease = None           # resources held for the tasks in its queue
         self.lease_shape = None
         self.gpu_ids = []
+        self.gpu_share = 0.0        # GPUs it holds: a whole number, or a fraction of one
+        # GPU or CPU work, fixed by its first task or actor: a process that
+        # touched a GPU keeps its CUDA context (and device memory) until it
+        # exits, so it never runs CPU work afterwards (nor the reverse).
+        self.kind = None            # None (fresh), "gpu" or "cpu"
+        self.calls = {}             # function id -> tasks of it sent here (for max_calls)
+        self.retiring = False       # reached a function's max_calls: exits once idle
         self.blocked = False        # inside get/wait: its CPU is lent out
         self.functions = set()      # function ids it has been sent
         self.dead = False
@@ -158,6 +165,18 @@ class WorkerPool:
         if state is not None:
             state.process.signal(signal.SIGKILL)
             state.process.close()
+
+    def retire(self, worker_id):
+        """Ask a worker to exit (SIGTERM); its connection closing does the rest."""
+        state = self.workers.get(worker_id)
+        if state is not None:
+            state.process.signal(signal.SIGTERM)
+
+    def kill(self, worker_id):
+        """Kill a worker now (SIGKILL); its connection closing does the rest."""
+        state = self.workers.get(worker_id)
+        if state is not None:
+            state.process.signal(signal.SIGKILL)
 
     def stop_all(self):
         self.stopped = True

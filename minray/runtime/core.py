@@ -17,6 +17,7 @@ import time
 from minray import ids, wire
 from minray.exceptions import (
     GetTimeoutError, ObjectLostError, ObjectNotFoundError, RaySystemError, RayTaskError,
+    TaskCancelledError,
 )
 from minray.object_store import SharedStore, write_serialized
 from minray.protocol import ERROR, IN_STORE, INLINE
@@ -78,6 +79,8 @@ class CoreClient:
         self.tasks = collections.deque()   # worker: dispatched, not started
         self.executing = False
         self.lending = 0             # worker: inside get/wait with its CPU lent out
+        self.cancel_handler = None   # worker: called with the id of a task to cancel
+        self.interrupt_requested = False   # worker: cancel the running task at the next wait
         self.start_task(root_task_id)
         self.welcome = None
         self.store = None
@@ -231,6 +234,12 @@ class CoreClient:
             with self.cond:
                 if predicate():
                     return True
+                if (self.interrupt_requested
+                        and threading.current_thread() is threading.main_thread()):
+                    # minray.cancel of the task this worker runs: interrupt it
+                    # here, between reads, where no message is half handled.
+                    self.interrupt_requested = False
+                    raise KeyboardInterrupt
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     if polled or self.reading:
@@ -299,6 +308,9 @@ class CoreClient:
                 self.tasks.extend(message[1])
         elif kind == "actor_init":
             self.tasks.append(message)
+        elif kind == "cancel":
+            if self.cancel_handler is not None:
+                self.cancel_handler(message[1])
         elif kind == "error":
             print(f"minray: {message[1]}", file=sys.stderr, flush=True)
         elif kind == "path":
@@ -376,6 +388,8 @@ class CoreClient:
             error = deserialize(meta, payload)
         except Exception as exc:        # never let reporting break the caller
             error = f"(its error could not be read: {exc})"
+        if isinstance(error, TaskCancelledError):
+            return                      # cancelled on purpose (minray.cancel): no news
         print(f"minray: unhandled error: {error}", file=sys.stderr, flush=True)
 
     def escape(self, object_id):

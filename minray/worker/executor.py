@@ -1,6 +1,8 @@
 """The worker loop: take dispatched tasks, run them, send back their results."""
+import collections
 import inspect
 import os
+import signal
 import sys
 import threading
 import time
@@ -8,17 +10,21 @@ import traceback
 
 import cloudpickle
 
-from minray import ids
-from minray.exceptions import RayTaskError, SerializationError
+from minray import ids, runtime_context
+from minray.exceptions import RaySystemError, RayTaskError, SerializationError, TaskCancelledError
 from minray.object_store import write_serialized
 from minray.protocol import ERROR, IN_STORE, INLINE
 from minray.runtime import core
 from minray.runtime.object_ref import serialize_with_refs
+from minray.runtime_context import current_task
 from minray.serialization import deserialize, serialize
 
 RESULT_BATCH = 32                 # results sent together when tasks are short ...
 RESULT_DELAY_S = 0.002            # ... but never held back longer than this, even
                                   # while the next task runs (a timer thread sends them)
+RESIGNAL_S = 0.05                 # a cancelled task in minray's code is signalled again after
+CANCELLED_REMEMBERED = 10_000     # ids of cancelled tasks kept (some finished already)
+MINRAY_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 class PrefixedStream:
@@ -61,7 +67,8 @@ class Executor:
         self.instance = None              # the actor's object, if we host one
         self.concurrency = None           # ConcurrentCalls of a threaded/async actor
         self.functions = {}
-        self.gpu_ids = []
+        self.code = {}                    # pickles of dropped dispatches (see Cancellation)
+        self.gpu_ids = None               # None: CUDA_VISIBLE_DEVICES not set by us yet
         self.done = []                    # finished, not sent yet (under results_lock)
         self.unsent_values = []           # returned values whose results are not sent yet
         self.results_lock = threading.Lock()
@@ -71,6 +78,8 @@ class Executor:
         self.results_waiting = threading.Event()
         threading.Thread(target=self._send_waiting_results, daemon=True,
                          name="minray-results").start()
+        self.cancel = Cancellation(self)
+        runtime_context.worker.is_cancelled = self.cancel.is_requested
 
     def loop(self):
         client = self.client
@@ -131,31 +140,66 @@ class Executor:
         task_id, function_id, pickled, name, args, kwarg_names, num_returns, gpu_ids = dispatch
         client = self.client
         return_ids = [ids.return_object_id(task_id, i) for i in range(1, num_returns + 1)]
+        cancel = self.cancel
+        if not cancel.begin(task_id, interruptible=function_id is not None):
+            self.remember_code(function_id, pickled)
+            return self.cancelled_item(dispatch), None
         if self.concurrency is None:
             client.start_task(task_id)
+        token = current_task.set(task_id)
         self.set_gpus(gpu_ids)
         started = time.perf_counter()
         error_text = result = None
         client.executing = True
         try:
-            function = self.resolve_function(function_id, pickled, name)
-            values = [self.argument(a) for a in args]
-            split = len(values) - len(kwarg_names)
-            result = function(*values[:split], **dict(zip(kwarg_names, values[split:])))
+            try:
+                function = self.resolve_function(function_id, pickled, name)
+                values = [self.argument(a) for a in args]
+                split = len(values) - len(kwarg_names)
+                result = function(*values[:split], **dict(zip(kwarg_names, values[split:])))
+            finally:
+                cancel.end(task_id)        # no interrupt for this task from here on
             results = self.encode_returns(name, return_ids, result)
+        except KeyboardInterrupt:
+            cancel.end(task_id)
+            if not cancel.is_requested(task_id):
+                raise                      # not minray.cancel's: as in any Python program
+            results = None
         except ActorExit:
             self.exit_actor()
         except Exception as exc:
             error_text, results = self.encode_error(name, return_ids, exc)
         finally:
             client.executing = self.concurrency is not None
+            current_task.reset(token)
+        if cancel.take(task_id):
+            # Cancelled while it ran: its result is TaskCancelledError, as in
+            # Ray, whether it was interrupted or (an actor call) ran to the end.
+            return self.cancelled_item(dispatch, time.perf_counter() - started), None
         return (task_id, results, time.perf_counter() - started, error_text), result
+
+    def cancelled_item(self, dispatch, seconds=0.0):
+        """The ("done", ...) item of a cancelled task: every return an error."""
+        task_id, name, num_returns = dispatch[0], dispatch[3], dispatch[6]
+        error = TaskCancelledError(task_id.hex(), f"task {name} was cancelled with minray.cancel")
+        serialized = serialize(error)
+        payload = serialized.to_bytes()
+        return (task_id, [(ids.return_object_id(task_id, i), ERROR, serialized.metadata,
+                           payload, []) for i in range(1, num_returns + 1)], seconds, None)
+
+    def remember_code(self, function_id, pickled):
+        """Keep the code a dropped dispatch carried: later dispatches of the
+        function come without it."""
+        if pickled is not None and function_id not in self.functions:
+            self.code[function_id] = pickled
 
     def resolve_function(self, function_id, pickled, name):
         if function_id is None:                      # a method of our actor
             return getattr(self.instance, name)
         function = self.functions.get(function_id)
         if function is None:
+            if pickled is None:
+                pickled = self.code.pop(function_id)
             function = self.functions[function_id] = cloudpickle.loads(pickled)
         return function
 
@@ -166,8 +210,11 @@ class Executor:
         client = self.client
         client.actor_id = actor_id
         client.start_task(actor_id)
+        current_task.set(actor_id)
         self.set_gpus(gpu_ids)            # CUDA_VISIBLE_DEVICES before __init__ runs
         meta = data = error_text = None
+        # A constructor waiting in get/wait lends the CPU it was placed with.
+        client.executing = True
         try:
             cls = cloudpickle.loads(pickled)
             values = [self.argument(a) for a in args]
@@ -178,8 +225,12 @@ class Executor:
         except Exception as exc:
             error_text, results = self.encode_error(f"{class_name}.__init__", [b""], exc)
             meta, data = results[0][2], results[0][3]
+        finally:
+            client.executing = False
+            current_task.set(None)
         if meta is None and (is_async or max_concurrency > 1):
             self.concurrency = ConcurrentCalls(self, max_concurrency, is_async)
+            runtime_context.worker.async_actor = is_async
             client.concurrent = True
             client.executing = True
         client.send(("actor_ready", actor_id, meta, data, error_text))
@@ -193,8 +244,11 @@ class Executor:
         os._exit(0)
 
     def set_gpus(self, gpu_ids):
+        # Set even to "" for a task without GPUs: the worker inherited the
+        # node's CUDA_VISIBLE_DEVICES, which names GPUs other tasks hold.
         if gpu_ids != self.gpu_ids:
             self.gpu_ids = list(gpu_ids)
+            runtime_context.worker.gpu_ids = self.gpu_ids
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
 
     def argument(self, arg):
@@ -265,6 +319,7 @@ class ConcurrentCalls:
     def __init__(self, executor, max_concurrency, is_async):
         self.executor = executor
         self.is_async = is_async
+        self.pending = {}               # task id -> its future (threads) or asyncio task
         if is_async:
             import asyncio
             self.loop = asyncio.new_event_loop()
@@ -280,7 +335,28 @@ class ConcurrentCalls:
             import asyncio
             asyncio.run_coroutine_threadsafe(self._run_async(dispatch), self.loop)
         else:
-            self.pool.submit(self._run_threaded, dispatch)
+            task_id = dispatch[0]
+            future = self.pool.submit(self._run_threaded, dispatch)
+            future.dispatch = dispatch
+            self.pending[task_id] = future
+            future.add_done_callback(lambda _: self.pending.pop(task_id, None))
+
+    def cancel(self, task_id):
+        """minray.cancel of a call: a threaded call still waiting for a thread
+        is dropped (its "done" item is returned, to be sent); an async call is
+        cancelled on the loop (asyncio.CancelledError inside it)."""
+        if self.is_async:
+            self.loop.call_soon_threadsafe(self._cancel_on_loop, task_id)
+            return None
+        future = self.pending.pop(task_id, None)
+        if future is not None and future.cancel():
+            return self.executor.cancelled_item(future.dispatch)
+        return None
+
+    def _cancel_on_loop(self, task_id):
+        task = self.pending.get(task_id)
+        if task is not None:
+            task.cancel()
 
     def _run_threaded(self, dispatch):
         item, value = self.executor.execute(dispatch)
@@ -288,10 +364,24 @@ class ConcurrentCalls:
         del value                       # after the send: see Executor.flush
 
     async def _run_async(self, dispatch):
-        async with self.limit:
-            item, value = await self._execute_async(dispatch)
-            self.executor.client.send(("done", [item]))
-            del value                   # after the send: see Executor.flush
+        import asyncio
+        task_id = dispatch[0]
+        executor = self.executor
+        if not executor.cancel.begin(task_id, interruptible=False):
+            item, value = executor.cancelled_item(dispatch), None
+        else:
+            self.pending[task_id] = asyncio.current_task()
+            try:
+                async with self.limit:
+                    item, value = await self._execute_async(dispatch)
+            except asyncio.CancelledError:        # minray.cancel of this call
+                item, value = None, None
+            finally:
+                self.pending.pop(task_id, None)
+            if executor.cancel.take(task_id) or item is None:
+                item, value = executor.cancelled_item(dispatch), None
+        executor.client.send(("done", [item]))
+        del value                       # after the send: see Executor.flush
 
     async def _execute_async(self, dispatch):
         # Run the method on the loop; if it is a coroutine, await it here so
@@ -299,6 +389,7 @@ class ConcurrentCalls:
         task_id, function_id, pickled, name, args, kwarg_names, num_returns, gpu_ids = dispatch
         executor = self.executor
         return_ids = [ids.return_object_id(task_id, i) for i in range(1, num_returns + 1)]
+        current_task.set(task_id)       # this asyncio task's own context
         started = time.perf_counter()
         error_text = result = None
         try:
@@ -316,6 +407,140 @@ class ConcurrentCalls:
         return (task_id, results, time.perf_counter() - started, error_text), result
 
 
+class Cancellation:
+    """minray.cancel inside a worker.
+
+    The node manager sends ("cancel", task_id) for a task it sent here. One
+    that has not started is dropped, and its results become
+    TaskCancelledError. A plain task that runs gets KeyboardInterrupt in the
+    main thread: from SIGINT, but only while the task's own code runs (inside
+    minray's code a message could be left half handled; the signal is sent
+    again until it lands), or at its next get/wait (the client's
+    interrupt_requested). An actor call is not interrupted, its state would
+    be left half changed, except an async actor's, whose asyncio task is
+    cancelled; a call cancelled while it ran returns TaskCancelledError.
+    """
+
+    def __init__(self, executor):
+        self.executor = executor
+        self.client = executor.client
+        self.cond = threading.Condition(threading.Lock())
+        self.requested = collections.OrderedDict()   # ids cancelled (some finished already)
+        self.running = None        # the plain task the main thread runs now
+        self.target = None         # the running task to interrupt
+        self.outbox = []           # "done" items of dropped tasks, sent by our thread
+        self.thread = None
+        self.main_thread_id = threading.main_thread().ident
+        self.client.cancel_handler = self.on_cancel
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    # Called by whichever thread reads the socket; it may hold the send lock,
+    # so this never sends: our thread does.
+    def on_cancel(self, task_id):
+        with self.cond:
+            self.requested[task_id] = True
+            if len(self.requested) > CANCELLED_REMEMBERED:
+                self.requested.popitem(last=False)
+            dispatch = self._unqueue(task_id)
+            concurrency = self.executor.concurrency
+            if dispatch is not None:
+                self.outbox.append(self.executor.cancelled_item(dispatch))
+            elif self.running == task_id:
+                self.target = task_id
+                self.client.interrupt_requested = True
+            elif concurrency is not None:
+                item = concurrency.cancel(task_id)
+                if item is None:
+                    return
+                self.outbox.append(item)
+            else:
+                return          # a sync actor's running call, or finished: flagged only
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._serve, daemon=True,
+                                               name="minray-cancel")
+                self.thread.start()
+            self.cond.notify()
+
+    def _unqueue(self, task_id):
+        """Take a dispatched task that has not started out of the queue."""
+        tasks = self.client.tasks
+        for dispatch in list(tasks):
+            if dispatch[0] == task_id:
+                try:
+                    tasks.remove(dispatch)
+                except ValueError:
+                    return None          # the main thread took it just now: see begin()
+                self.executor.remember_code(dispatch[1], dispatch[2])
+                return dispatch
+        return None
+
+    def begin(self, task_id, interruptible):
+        """A task starts: False if it was cancelled already (drop it)."""
+        with self.cond:
+            if self.requested.pop(task_id, None):
+                return False
+            if interruptible and self.executor.concurrency is None:
+                self.running = task_id
+            return True
+
+    def end(self, task_id):
+        if self.running == task_id:
+            with self.cond:
+                self.running = self.target = None
+                self.client.interrupt_requested = False
+
+    def is_requested(self, task_id):
+        return task_id in self.requested
+
+    def take(self, task_id):
+        """Whether the task was cancelled while it ran (forgetting it)."""
+        if task_id not in self.requested:
+            return False
+        with self.cond:
+            return self.requested.pop(task_id, None) is not None
+
+    def _interrupt_pending(self):
+        return (self.target is not None and self.target == self.running
+                and self.client.interrupt_requested)
+
+    def _serve(self):
+        while True:
+            with self.cond:
+                while not self.outbox and not self._interrupt_pending():
+                    self.cond.wait()
+                items, self.outbox = self.outbox, []
+                interrupt = self._interrupt_pending()
+            if items:
+                try:
+                    self.client.send(("done", items))
+                except RaySystemError:
+                    return              # the node manager is gone
+            if interrupt:
+                signal.pthread_kill(self.main_thread_id, signal.SIGINT)
+                time.sleep(RESIGNAL_S)
+
+    def _on_sigint(self, signum, frame):
+        if not self._interrupt_pending():
+            return                      # not a cancel (or delivered already): ignored
+        if _in_minray_code(frame):
+            return                      # _serve signals again shortly
+        self.client.interrupt_requested = False
+        raise KeyboardInterrupt
+
+
+def _in_minray_code(frame):
+    """Whether the main thread is in minray's own code (not the task's)."""
+    task_frame = Executor.execute.__code__
+    while frame is not None:
+        code = frame.f_code
+        if code is task_frame:
+            return False
+        if code.co_filename.startswith(MINRAY_DIR):
+            return True
+        frame = frame.f_back
+    return True
+
+
 def run_worker(socket_path, session_dir, store_name, node_id, worker_id):
     from minray.session import read_token
     sys.stdout = PrefixedStream(sys.stdout, f"(pid={os.getpid()}) ")
@@ -328,6 +553,8 @@ def run_worker(socket_path, session_dir, store_name, node_id, worker_id):
         return      # started as the node manager shut down: its socket or session is gone
     client.attach_store(store_name)
     core.set_current(client)
+    runtime_context.worker.node_id = node_id
+    runtime_context.worker.worker_id = worker_id
     try:
         Executor(client, worker_id).loop()
     except Exception:
