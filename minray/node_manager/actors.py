@@ -5,15 +5,15 @@ Each actor has one FIFO of calls. A call leaves the FIFO for the actor's
 worker only when it and every call before it have their arguments, so the
 calls of each caller run in the order they were sent (calls from different
 callers interleave in arrival order). Calls whose actor is dead, or that were
-running when it died, fail with RayActorError.
+running when it died, fail with ActorDiedError (a RayActorError).
 """
 import collections
 import logging
 
 from minray import ids
 from minray._core.scheduler import Task
-from minray.exceptions import RayActorError, TaskUnschedulableError
-from minray.node_manager.objects import error_object
+from minray.exceptions import ActorDiedError, TaskUnschedulableError
+from minray.node_manager.objects import error_object, failed_argument_object
 from minray.node_manager.tasks import MalformedSpec, check_args, parse_spec
 from minray.protocol import ERROR, ActorCallSpec
 from minray.resources import is_valid_request
@@ -96,7 +96,8 @@ class ActorManager:
                 f"{queues.total_resources} in total: it can never be placed"))
             return
         if failed is not None:
-            self.die_with(actor, *failed)
+            self.die_with(actor, *failed_argument_object(
+                None, *failed, actor_class=spec["class_name"]))
             return
         actor.missing = len(missing)
         for object_id in missing:
@@ -154,7 +155,7 @@ class ActorManager:
         task.extra = "call"
         actor = self.actors.get(spec.actor_id)
         if actor is None:
-            self.tasks.fail_with(task, RayActorError(
+            self.tasks.fail_with(task, ActorDiedError(
                 f"no actor {spec.actor_id.hex()} on this node: it was never created here"))
             return
         if actor.state == DEAD:
@@ -162,7 +163,8 @@ class ActorManager:
             return
         failed, missing = self.tasks.claim_args(spec.args, spec.contained, spec.method)
         if failed is not None:
-            self.tasks.fail(task, *failed)
+            self.tasks.fail(task, *failed_argument_object(
+                f"{actor.spec['class_name']}.{spec.method}", *failed))
             return
         task.missing = len(missing)
         for object_id in missing:
@@ -195,7 +197,8 @@ class ActorManager:
             if actor.state == DEAD:
                 continue
             if entry.kind == ERROR:
-                self.die_with(actor, entry.meta, entry.data)
+                self.die_with(actor, *failed_argument_object(
+                    None, entry.meta, entry.data, actor_class=actor.spec["class_name"]))
                 continue
             actor.missing -= 1
             if actor.missing == 0:
@@ -205,7 +208,8 @@ class ActorManager:
         for actor, task in self.waiting_calls.pop(object_id, ()):
             task.missing -= 1
             if entry.kind == ERROR and task.extra != "failed":
-                self.tasks.fail(task, entry.meta, entry.data)
+                self.tasks.fail(task, *failed_argument_object(
+                    f"{actor.spec['class_name']}.{task.spec.method}", entry.meta, entry.data))
             touched.append(actor)
         for actor in dict.fromkeys(touched):
             self.pump(actor)
@@ -223,7 +227,7 @@ class ActorManager:
         self._unplace(actor)
         running, worker.queue = worker.queue, []
         for task in running:
-            self.tasks.fail_with(task, RayActorError(
+            self.tasks.fail_with(task, ActorDiedError(
                 f"actor {actor.spec['class_name']} died while running {task.spec.method}"))
         if actor.state == DEAD:
             return
@@ -236,7 +240,7 @@ class ActorManager:
             self.unplaced.append(actor)
             self.dispatcher.schedule()
         else:
-            self.die(actor, RayActorError(
+            self.die(actor, ActorDiedError(
                 f"actor {actor.spec['class_name']} died: its process exited unexpectedly "
                 "(max_restarts exhausted)"))
 
@@ -253,7 +257,7 @@ class ActorManager:
             return
         if no_restart:
             actor.restarts_left = 0
-            self.die(actor, RayActorError(reason or (
+            self.die(actor, ActorDiedError(reason or (
                 f"actor {actor.spec['class_name']} was killed with minray.kill")))
         elif actor.worker is not None:
             # Its worker counts as dead now (and is killed), so the restart is
@@ -295,7 +299,7 @@ class ActorManager:
         actor = self.actors.get(worker.actor)
         if actor is not None and actor.worker is worker:
             actor.restarts_left = 0
-            self.die(actor, RayActorError(
+            self.die(actor, ActorDiedError(
                 f"actor {actor.spec['class_name']} exited (minray.actor.exit_actor())"))
 
     def release(self, actor_ids):
@@ -318,13 +322,13 @@ class ActorManager:
                 or spec["detached"] or actor.state == DEAD or actor.calls
                 or (actor.worker is not None and actor.worker.queue)):
             return
-        self.die(actor, RayActorError(
+        self.die(actor, ActorDiedError(
             f"actor {spec['class_name']} was stopped: every handle to it was dropped"))
 
     def owner_left(self, conn):
         for actor in list(self.actors.values()):
             if actor.owner is conn and not actor.spec["detached"] and actor.state != DEAD:
-                self.die(actor, RayActorError(
+                self.die(actor, ActorDiedError(
                     f"actor {actor.spec['class_name']} was stopped: the process that created "
                     "it exited (pass lifetime='detached' to keep it)"))
 
