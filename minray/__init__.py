@@ -8,10 +8,12 @@ from minray.api import (
 from minray.runtime.object_ref import ObjectRef
 from minray.serialization import register_custom_serializer
 
+ObjectID = ObjectRef        # the original docs' name for it
+
 __version__ = "0.1.0"
 
 __all__ = [
-    "ObjectRef", "available_resources", "cluster_resources", "error_info", "exceptions",
-    "get", "get_actor", "get_gpu_ids", "init", "is_initialized", "kill", "method", "nodes",
-    "put", "register_custom_serializer", "remote", "shutdown", "wait", "__version__",
+    "ObjectID", "ObjectRef", "available_resources", "cluster_resources", "error_info",
+    "exceptions", "get", "get_actor", "get_gpu_ids", "init", "is_initialized", "kill", "method",
+    "nodes", "put", "register_custom_serializer", "remote", "shutdown", "wait", "__version__",
 ]

@@ -10,7 +10,7 @@ from minray import ids
 from minray.exceptions import RaySystemError
 from minray.local_cluster import LocalCluster, find_node_socket
 from minray.actor import ACTOR_OPTIONS, ActorClass, ActorHandle
-from minray.remote_function import TASK_OPTIONS, RemoteFunction
+from minray.remote_function import TASK_OPTIONS, RemoteFunction, check_count
 from minray.runtime import core
 from minray.runtime.object_ref import ObjectRef
 from minray.session import read_token
@@ -38,8 +38,9 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None,
          ignore_reinit_error=False, redis_address=None, num_workers=None, **unknown):
     """Start a local cluster (no address) or join a running one (address).
 
-    ``redis_address`` and ``num_workers`` are the original docs' names for
-    ``address`` and ``num_cpus``.
+    ``redis_address`` is the original docs' name for ``address``;
+    ``num_workers``, also from them, is how many worker processes a local
+    cluster starts (the CPU count stays ``num_cpus``, or the machine's).
     """
     for name in unknown:
         if name not in INIT_OPTIONS:
@@ -53,18 +54,19 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None,
             raise RuntimeError("minray.init() was already called in this process; call "
                                "minray.shutdown() first, or pass ignore_reinit_error=True")
         address = address or redis_address
-        if num_workers is not None and num_cpus is None:
-            num_cpus = num_workers
+        if num_workers is not None:
+            check_count("num_workers", num_workers, 1, "an int >= 1 (worker processes)")
         if address is None:
             cluster = LocalCluster(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
                                    object_store_memory=object_store_memory,
-                                   num_gcs_shards=num_gcs_shards, log_to_driver=log_to_driver)
+                                   num_gcs_shards=num_gcs_shards, log_to_driver=log_to_driver,
+                                   num_workers=num_workers)
             cluster.start()
             session_dir, socket_path = cluster.session_dir, cluster.socket_path
         else:
             given = [name for name, value in (
                 ("num_cpus", num_cpus), ("num_gpus", num_gpus), ("resources", resources),
-                ("object_store_memory", object_store_memory))
+                ("object_store_memory", object_store_memory), ("num_workers", num_workers))
                 if value is not None]
             if num_gcs_shards != 1:
                 given.append("num_gcs_shards")
@@ -163,13 +165,25 @@ def _runtime_gcs_client():
 
 # ---------------------------------------------------------------- decorators
 
+class RemoteDecoratorError(TypeError, AssertionError):
+    """@minray.remote used with empty parentheses or positional arguments.
+
+    Ray refuses these with an AssertionError; this is also a TypeError, the
+    usual type for a call with wrong arguments, so either `except` catches it.
+    """
+
+
 def remote(*args, **options):
     """@minray.remote or @minray.remote(num_cpus=..., ...) on a function or class."""
     if len(args) == 1 and not options and callable(args[0]):
         return _make_remote(args[0], {})
-    if args:
-        raise TypeError("@minray.remote takes only keyword options, e.g. "
-                        "@minray.remote(num_returns=2)")
+    if args or not options:
+        raise RemoteDecoratorError(
+            "use @minray.remote either bare (no parentheses), as in '@minray.remote', or with "
+            "keyword options, as in '@minray.remote(num_returns=2, num_cpus=0.5)'; "
+            + ("empty parentheses are not accepted" if not args
+               else "positional arguments are not accepted") + ". The options are: "
+            + ", ".join(sorted(set(TASK_OPTIONS) | set(ACTOR_OPTIONS))))
     for name in options:
         if name not in TASK_OPTIONS and name not in ACTOR_OPTIONS:
             raise ValueError(f"unknown option {name!r}; valid options are: "
@@ -203,7 +217,9 @@ def kill(actor, *, no_restart=True):
     With no_restart=False an actor created with max_restarts is restarted.
     """
     if not isinstance(actor, ActorHandle):
-        raise TypeError(f"kill expects an actor handle, got {type(actor).__name__}")
+        # ValueError, as Ray raises.
+        raise ValueError(f"kill() stops actors only: it expects an actor handle, got "
+                         f"{type(actor).__name__}")
     _client().send(("actor_kill", actor._actor_id, bool(no_restart)))
 
 
