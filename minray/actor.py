@@ -219,7 +219,7 @@ class ActorClass:
     def _create(self, args, kwargs, options):
         from minray import api
         if self._init_signature is not None:
-            self._init_signature.check(f"{self._name}.remote()", args, kwargs)
+            self._init_signature.check(args, kwargs, f"{self.__name__}.remote()")
         client = api.ensure_initialized()
         if self._pickled is None:
             try:
@@ -344,8 +344,7 @@ class ActorMethod:
     def remote(self, *args, **kwargs):
         from minray import api
         if self._signature is not None:
-            self._signature.check(f"{self._handle._class_name}.{self._name}.remote()",
-                                  args, kwargs)
+            self._signature.check(args, kwargs, (self._handle._class_name, self._name))
         client = api.ensure_initialized()
         entries, kwarg_names, contained, keep_alive = encode_args(
             client, self._name, args, kwargs)

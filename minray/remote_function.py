@@ -107,8 +107,8 @@ def check_code_size(pickled, kind, name, stacklevel):
     size = len(pickled)
     if size > CODE_SIZE_ERROR_BYTES:
         raise ValueError(
-            f"{kind} {name} is too large to ship: it pickles to {size / 1e6:.1f} MB, over "
-            f"minray's limit of {CODE_SIZE_ERROR_BYTES / 1e6:.0f} MB. It probably captures a "
+            f"{kind} {name} is too large to ship: it pickles to {size:,} bytes, over minray's "
+            f"limit of {CODE_SIZE_ERROR_BYTES:,} bytes (100 MB). It probably captures a "
             "large object from its scope (a global or closure variable): put that object "
             "in the object store with minray.put() and pass the ref as an argument instead")
     if size > CODE_SIZE_WARN_BYTES:
@@ -169,6 +169,7 @@ class RemoteFunction:
         self._signature = None if signature is None or signature.free else signature
         self.__doc__ = function.__doc__
         self.__name__ = getattr(function, "__name__", "task")
+        self._call_name = f"{self.__name__}.remote()"
         self.__wrapped__ = function
 
     def __call__(self, *args, **kwargs):
@@ -199,7 +200,7 @@ class RemoteFunction:
     def _submit(self, args, kwargs, options, resources):
         from minray import api
         if self._signature is not None:
-            self._signature.check(f"{self._name}.remote()", args, kwargs)
+            self._signature.check(args, kwargs, self._call_name)
         client = api.ensure_initialized()
         self._export(client)
         num_returns = options.get("num_returns", 1)

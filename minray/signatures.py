@@ -81,8 +81,12 @@ class CallSignature:
             found = _cache[params] = cls(params)
         return found
 
-    def check(self, what, args, kwargs):
-        """Raise TypeError if args and kwargs cannot be bound to the parameters."""
+    def check(self, args, kwargs, where):
+        """Raise TypeError if args and kwargs cannot be bound to the parameters.
+
+        `where` names the call in the message: a str, or (class name, method
+        name) of an actor method; it is formatted only for the message.
+        """
         if self.free:
             return
         if not kwargs and self._min_positional <= len(args) <= self._max_positional:
@@ -96,7 +100,10 @@ class CallSignature:
         try:
             signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise TypeError(f"{what}: {exc} (its parameters are {signature})") from None
+            if isinstance(where, tuple):
+                class_name, method_name = where
+                where = f"{class_name.rpartition('.')[2]}.{method_name}.remote()"
+            raise TypeError(f"{where}: {exc} (its parameters are {signature})") from None
 
 
 def _compact(parameters):
