@@ -474,24 +474,39 @@ def test_a_wrongly_typed_actor_or_method_option_is_a_type_error():
         A.options(max_restarts=-2)               # the right type, a bad value
 
 
-def test_an_exception_class_that_cannot_be_subclassed_is_raised_as_ray_task_error():
-    class FinalError(Exception):
-        def __init_subclass__(cls, **kwargs):
-            raise TypeError("FinalError is final")
+class _Sealed(type):
+    """A metaclass that refuses subclasses of its classes."""
 
+    def __new__(mcs, name, bases, namespace):
+        if any(isinstance(base, _Sealed) for base in bases):
+            raise TypeError(f"{name}: classes made by _Sealed cannot be subclassed")
+        return super().__new__(mcs, name, bases, namespace)
+
+
+class SealedError(Exception, metaclass=_Sealed):
+    pass
+
+
+class FinalError(Exception):
+    def __init_subclass__(cls, **kwargs):
+        raise TypeError("FinalError is final")
+
+
+@pytest.mark.parametrize("error_class", [FinalError, SealedError])
+def test_an_exception_class_that_cannot_be_subclassed_is_raised_as_ray_task_error(error_class):
     @ray.remote
     def fail():
-        raise FinalError("from the task")
+        raise error_class("from the task")
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(RayTaskError) as info:
             ray.get(fail.remote(), timeout=30)
     assert type(info.value) is RayTaskError
-    assert isinstance(info.value.cause, FinalError)
+    assert isinstance(info.value.cause, error_class)
     assert "from the task" in str(info.value)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert any("FinalError" in m and "cannot be combined" in m for m in messages), messages
+    assert any(error_class.__name__ in m and "cannot be combined" in m for m in messages), messages
 
 
 # ---------------------------------------------------------------- more API
