@@ -10,11 +10,13 @@ from minray.runtime_context import get_runtime_context
 from minray.serialization import register_custom_serializer
 from minray import util
 
+ObjectID = ObjectRef        # the original docs' name for it
+
 __version__ = "0.1.0"
 
 __all__ = [
-    "ObjectRef", "available_resources", "cancel", "cluster_resources", "error_info",
-    "exceptions", "get", "get_actor", "get_gpu_ids", "get_runtime_context", "init",
-    "is_initialized", "kill", "method", "nodes", "put", "register_custom_serializer",
+    "ObjectID", "ObjectRef", "available_resources", "cancel", "cluster_resources",
+    "error_info", "exceptions", "get", "get_actor", "get_gpu_ids", "get_runtime_context",
+    "init", "is_initialized", "kill", "method", "nodes", "put", "register_custom_serializer",
     "remote", "shutdown", "util", "wait", "__version__",
 ]

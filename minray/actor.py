@@ -21,10 +21,12 @@ from minray.serialization.code import dumps_code
 from minray import ids
 from minray.exceptions import SerializationError
 from minray.remote_function import (
-    _bad_option, encode_args, returns_of, validate_resources,
+    _bad_option, check_code_size, check_count, check_num_returns, check_option_type,
+    encode_args, returns_of, validate_resources,
 )
 from minray.runtime import core
 from minray.runtime.object_ref import note_pickled
+from minray.signatures import CallSignature
 
 ACTOR_OPTIONS = {
     "num_cpus": "CPUs the actor holds while it lives (default 0, as in Ray; with no "
@@ -40,14 +42,31 @@ ACTOR_OPTIONS = {
     "lifetime": "None (stops with its creator or its last handle) or 'detached' "
                 "(lives until killed)",
 }
-METHOD_OPTIONS = {"num_returns": "how many ObjectRefs the call returns"}
+METHOD_OPTIONS = {"num_returns": "how many ObjectRefs the call returns",
+                  "num_return_vals": "the original docs' name for num_returns"}
 DEFAULT_ASYNC_CONCURRENCY = 1000
+# Methods every actor has, as in Ray (the worker implements them):
+# name -> (num_returns, parameters in minray.signatures' compact form).
+BUILTIN_METHODS = {
+    "__ray_ready__": (1, ()),                    # True once the actor is up
+    "__ray_call__": (1, (("fn", int(inspect.Parameter.POSITIONAL_ONLY), False),
+                         ("args", int(inspect.Parameter.VAR_POSITIONAL), False),
+                         ("kwargs", int(inspect.Parameter.VAR_KEYWORD), False))),
+    "__ray_terminate__": (1, ()),                # a graceful stop, as exit_actor()
+}
+# Dunder names the decorated class answers from the original class.
+_CLASS_DUNDERS = frozenset(("__mro__", "__bases__", "__annotations__"))
+
+
+class ActorClassInheritanceException(TypeError):
+    """A class statement tried to subclass an actor class (the decorated one)."""
 
 
 def exit_actor():
     """Called inside an actor method: end this actor (its process exits).
 
-    Calls still queued, and later ones, raise RayActorError.
+    Finished calls are reported and atexit handlers run first; calls still
+    queued, and later ones, raise RayActorError.
     """
     from minray.worker.executor import ActorExit
     client = core.current()
@@ -56,12 +75,21 @@ def exit_actor():
     raise ActorExit()
 
 
-def method(*args, num_returns=1):
-    """Decorator for actor methods: @minray.method(num_returns=2)."""
+def method(*args, num_returns=None, num_return_vals=None):
+    """Decorator for actor methods: @minray.method(num_returns=2).
+
+    num_return_vals is the original docs' name for num_returns.
+    """
     if args:
         raise TypeError("@minray.method takes only keyword options, e.g. num_returns=2")
-    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
-        raise ValueError(f"num_returns must be an int >= 0, got {num_returns!r}")
+    if num_returns is not None and num_return_vals is not None:
+        raise TypeError("pass num_returns or num_return_vals (its old name), not both")
+    if num_return_vals is not None:
+        check_num_returns(num_return_vals, "num_return_vals")
+        num_returns = num_return_vals
+    elif num_returns is None:
+        num_returns = 1
+    check_num_returns(num_returns)
 
     def mark(function):
         function.__minray_num_returns__ = num_returns
@@ -73,20 +101,21 @@ def validate_actor_options(options):
     for name in options:
         if name not in ACTOR_OPTIONS:
             raise _bad_option(name, ACTOR_OPTIONS)
-    for name in ("max_restarts",):
-        value = options.get(name, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < -1:
-            raise ValueError(f"{name} must be an int >= 0 (or -1 for unlimited), got {value!r}")
-    concurrency = options.get("max_concurrency")
-    if concurrency is not None and (isinstance(concurrency, bool)
-                                    or not isinstance(concurrency, int) or concurrency < 1):
-        raise ValueError(f"max_concurrency must be an int >= 1, got {concurrency!r}")
+    if "max_restarts" in options:
+        check_count("max_restarts", options["max_restarts"], -1,
+                    "an int >= 0 (or -1 for unlimited)")
+    if options.get("max_concurrency") is not None:
+        check_count("max_concurrency", options["max_concurrency"], 1, "an int >= 1")
     name = options.get("name")
-    if name is not None and (not isinstance(name, str) or not name):
-        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    if name is not None:
+        check_option_type("name", name, str, "a non-empty str")
+        if not name:
+            raise ValueError("name must be a non-empty str, got ''")
     lifetime = options.get("lifetime")
-    if lifetime not in (None, "detached", "non_detached"):
-        raise ValueError(f"lifetime must be None or 'detached', got {lifetime!r}")
+    if lifetime is not None:
+        check_option_type("lifetime", lifetime, str, "None or 'detached'")
+        if lifetime not in ("detached", "non_detached"):
+            raise ValueError(f"lifetime must be None or 'detached', got {lifetime!r}")
     check_namespace(options.get("namespace"))
     if not isinstance(options.get("get_if_exists", False), bool):
         raise TypeError(f"get_if_exists must be True or False, got "
@@ -108,23 +137,100 @@ def check_namespace(namespace):
         raise ValueError("namespace must not be empty; pass None for the job's namespace")
 
 
+def _method_signature(cls, name):
+    """The CallSignature of a method as a handle calls it (no self or cls)."""
+    try:
+        raw = inspect.getattr_static(cls, name)
+    except AttributeError:
+        return None
+    if isinstance(raw, staticmethod):
+        return CallSignature.of(raw.__func__)
+    if isinstance(raw, classmethod):
+        return CallSignature.of(raw.__func__, drop_first=True)
+    if inspect.isfunction(raw):
+        return CallSignature.of(raw, drop_first=True)
+    return None                              # another kind of callable: unchecked
+
+
+def _constructor_signature(cls):
+    if cls.__init__ is object.__init__ and cls.__new__ is object.__new__:
+        return CallSignature.from_params(())     # takes no arguments
+    return CallSignature.of(cls)
+
+
+def _describe_class(cls):
+    """(methods, constructor parameters, is_async) of a class, read once.
+
+    methods maps each method's name to (num_returns, parameters), the
+    parameters in minray.signatures' compact form (None: calls unchecked).
+    """
+    methods = {}
+    is_async = False
+    for name, member in inspect.getmembers(cls, callable):
+        if name.startswith("__") and name != "__call__":
+            continue
+        signature = _method_signature(cls, name)
+        methods[name] = (getattr(member, "__minray_num_returns__", 1),
+                         None if signature is None or signature.free else signature.params)
+        if inspect.iscoroutinefunction(member):
+            is_async = True
+    constructor = _constructor_signature(cls)
+    init_params = None if constructor is None or constructor.free else constructor.params
+    return methods, init_params, is_async
+
+
 class ActorClass:
-    def __init__(self, cls, options):
+    """A class decorated with @minray.remote.
+
+    `.remote(...)` starts an actor. Everything else behaves like the original
+    class, which is `.__ray_actor_class__`: its class and static attributes,
+    class methods and `__mro__` are reached through the decorated class, and
+    dir() lists them. Subclass the original class, not this object.
+    """
+
+    def __init__(self, cls, options, _description=None):
+        self.__ray_actor_class__ = cls
         self._cls = cls
         self._options = validate_actor_options(dict(options))
         self._name = cls.__qualname__
-        self._methods = {}
-        self._is_async = False
-        for name, member in inspect.getmembers(cls, callable):
-            if name.startswith("__") and name != "__call__":
-                continue
-            self._methods[name] = getattr(member, "__minray_num_returns__", 1)
-            if inspect.iscoroutinefunction(member):
-                self._is_async = True
+        self._methods, init_params, self._is_async = _description or _describe_class(cls)
+        self._init_signature = CallSignature.from_params(init_params)
         self._pickled = None
         self._class_id = None
         self.__name__ = cls.__name__
+        self.__qualname__ = cls.__qualname__
+        self.__module__ = cls.__module__
         self.__doc__ = cls.__doc__
+
+    def __getattr__(self, name):
+        # Only called for what the actor class itself does not have.
+        cls = self.__dict__.get("_cls")
+        if cls is None or (name.startswith("__") and name.endswith("__")
+                           and name not in _CLASS_DUNDERS):
+            raise AttributeError(f"actor class has no attribute {name!r}")
+        return getattr(cls, name)
+
+    def __dir__(self):
+        return sorted(set(object.__dir__(self)) | set(dir(self._cls)))
+
+    def __mro_entries__(self, bases):
+        # `class Derived(ActorClassObject)`: Python asks the base what to use.
+        raise ActorClassInheritanceException(
+            f"cannot subclass actor class {self._name}: Inheriting from actor classes is "
+            f"not currently supported. Subclass the original class instead "
+            f"({self.__name__}.__ray_actor_class__, or the class before @minray.remote) "
+            "and decorate the subclass with @minray.remote")
+
+    def __reduce__(self):
+        # Methods of the class may name the decorated class (a global): it
+        # travels as the class and what was read from it, not re-read while
+        # the class is still being unpickled.
+        init_params = None if self._init_signature is None else self._init_signature.params
+        return ActorClass, (self._cls, self._options,
+                            (self._methods, init_params, self._is_async))
+
+    def __repr__(self):
+        return f"ActorClass({self._name})"
 
     def __call__(self, *args, **kwargs):
         raise TypeError(f"actor class {self._name} cannot be instantiated directly; "
@@ -140,14 +246,18 @@ class ActorClass:
 
     def _create(self, args, kwargs, options):
         from minray import api
+        if self._init_signature is not None:
+            self._init_signature.check(args, kwargs, f"{self.__name__}.remote()")
         client = api.ensure_initialized()
         if self._pickled is None:
             try:
-                self._pickled = dumps_code(self._cls)
+                pickled = dumps_code(self._cls)
             except Exception as exc:
                 raise SerializationError(
                     f"actor class {self._name} cannot be pickled: {exc}") from None
-            self._class_id = hashlib.blake2b(self._pickled, digest_size=16).digest()
+            check_code_size(pickled, "actor class", self._name, stacklevel=4)
+            self._pickled = pickled
+            self._class_id = hashlib.blake2b(pickled, digest_size=16).digest()
         name = options.get("name")
         get_if_exists = options.get("get_if_exists", False)
         if get_if_exists and name is None:
@@ -215,6 +325,7 @@ class ActorHandle:
         self._actor_id = actor_id
         self._class_name = class_name
         self._methods = methods
+        self._signatures = {}             # method name -> CallSignature, on first call
         self._client = core.current()
         self._counts = owned or counted          # copies of it count too
         self._holding = self._counts and self._client is not None
@@ -225,12 +336,28 @@ class ActorHandle:
             self._client.add_ref(handles_id)
 
     def __getattr__(self, name):
-        methods = self.__dict__.get("_methods", {})
-        if name in methods:
-            return ActorMethod(self, name, methods[name])
-        raise AttributeError(
-            f"actor {self.__dict__.get('_class_name', '?')} has no method {name!r}; "
-            f"its methods are: {', '.join(sorted(methods)) or '(none)'}")
+        # Methods are looked up here, after the handle's own attributes.
+        methods = self.__dict__.get("_methods")
+        if methods is None:
+            raise AttributeError(name)
+        info = methods.get(name)
+        if info is None:
+            info = BUILTIN_METHODS.get(name)
+        if info is None:
+            raise AttributeError(
+                f"actor {self.__dict__.get('_class_name', '?')} has no method {name!r}; "
+                f"its methods are: {', '.join(sorted(methods)) or '(none)'}")
+        if isinstance(info, int):         # (num_returns only: calls unchecked)
+            return ActorMethod(self, name, info, None)
+        signatures = self._signatures
+        try:
+            signature = signatures[name]
+        except KeyError:
+            signature = signatures[name] = CallSignature.from_params(info[1])
+        return ActorMethod(self, name, info[0], signature)
+
+    def __dir__(self):
+        return sorted(set(self._methods) | set(BUILTIN_METHODS))
 
     def __reduce__(self):
         if self._counts:
@@ -258,10 +385,11 @@ def _rebuild_handle(actor_id, class_name, methods, counted):
 
 
 class ActorMethod:
-    def __init__(self, handle, name, num_returns):
+    def __init__(self, handle, name, num_returns, signature):
         self._handle = handle
         self._name = name
         self._num_returns = num_returns
+        self._signature = None if signature is None or signature.free else signature
 
     def __call__(self, *args, **kwargs):
         raise TypeError(f"actor method {self._name} cannot be called directly; "
@@ -271,13 +399,17 @@ class ActorMethod:
         for name in options:
             if name not in METHOD_OPTIONS:
                 raise _bad_option(name, METHOD_OPTIONS)
-        num_returns = options.get("num_returns", self._num_returns)
-        if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
-            raise ValueError(f"num_returns must be an int >= 0, got {num_returns!r}")
-        return ActorMethod(self._handle, self._name, num_returns)
+        if "num_returns" in options and "num_return_vals" in options:
+            raise TypeError("pass num_returns or num_return_vals (its old name), not both")
+        num_returns = options.get("num_returns", options.get("num_return_vals",
+                                                             self._num_returns))
+        check_num_returns(num_returns)
+        return ActorMethod(self._handle, self._name, num_returns, self._signature)
 
     def remote(self, *args, **kwargs):
         from minray import api
+        if self._signature is not None:
+            self._signature.check(args, kwargs, (self._handle._class_name, self._name))
         client = api.ensure_initialized()
         entries, kwarg_names, contained, keep_alive = encode_args(
             client, self._name, args, kwargs)

@@ -11,7 +11,7 @@ from minray import ids
 from minray.exceptions import RaySystemError
 from minray.local_cluster import LocalCluster, find_node_socket
 from minray.actor import ACTOR_OPTIONS, ActorClass, ActorHandle, check_namespace
-from minray.remote_function import TASK_OPTIONS, RemoteFunction
+from minray.remote_function import TASK_OPTIONS, RemoteFunction, check_count
 from minray.runtime import core
 from minray.runtime.object_ref import ObjectRef
 from minray.session import read_token
@@ -41,10 +41,11 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None,
     """Start a local cluster (no address) or join a running one (address).
 
     ``namespace``: where this job's named actors are registered and looked
-    up (default: an anonymous namespace of its own). ``redis_address`` and
-    ``num_workers`` are the original docs' names for ``address`` and
-    ``num_cpus``. ``_memory`` (Ray's name) sets the node's ``memory``
-    resource in bytes.
+    up (default: an anonymous namespace of its own). ``redis_address`` is the
+    original docs' name for ``address``; ``num_workers``, also from them, is
+    how many worker processes a local cluster starts (the CPU count stays
+    ``num_cpus``, or the machine's). ``_memory`` (Ray's name) sets the
+    node's ``memory`` resource in bytes.
     """
     for name in unknown:
         if name not in INIT_OPTIONS:
@@ -59,19 +60,20 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None,
                                "minray.shutdown() first, or pass ignore_reinit_error=True")
         check_namespace(namespace)
         address = address or redis_address
-        if num_workers is not None and num_cpus is None:
-            num_cpus = num_workers
+        if num_workers is not None:
+            check_count("num_workers", num_workers, 1, "an int >= 1 (worker processes)")
         if address is None:
             cluster = LocalCluster(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
                                    object_store_memory=object_store_memory,
                                    num_gcs_shards=num_gcs_shards, log_to_driver=log_to_driver,
-                                   memory=_memory)
+                                   memory=_memory, num_workers=num_workers)
             cluster.start()
             session_dir, socket_path = cluster.session_dir, cluster.socket_path
         else:
             given = [name for name, value in (
                 ("num_cpus", num_cpus), ("num_gpus", num_gpus), ("resources", resources),
-                ("object_store_memory", object_store_memory), ("_memory", _memory))
+                ("object_store_memory", object_store_memory), ("_memory", _memory),
+                ("num_workers", num_workers))
                 if value is not None]
             if num_gcs_shards != 1:
                 given.append("num_gcs_shards")
@@ -173,13 +175,25 @@ def _runtime_gcs_client():
 
 # ---------------------------------------------------------------- decorators
 
+class RemoteDecoratorError(TypeError, AssertionError):
+    """@minray.remote used with empty parentheses or positional arguments.
+
+    Ray refuses these with an AssertionError; this is also a TypeError, the
+    usual type for a call with wrong arguments, so either `except` catches it.
+    """
+
+
 def remote(*args, **options):
     """@minray.remote or @minray.remote(num_cpus=..., ...) on a function or class."""
     if len(args) == 1 and not options and callable(args[0]):
         return _make_remote(args[0], {})
-    if args:
-        raise TypeError("@minray.remote takes only keyword options, e.g. "
-                        "@minray.remote(num_returns=2)")
+    if args or not options:
+        raise RemoteDecoratorError(
+            "use @minray.remote either bare (no parentheses), as in '@minray.remote', or with "
+            "keyword options, as in '@minray.remote(num_returns=2, num_cpus=0.5)'; "
+            + ("empty parentheses are not accepted" if not args
+               else "positional arguments are not accepted") + ". The options are: "
+            + ", ".join(sorted(set(TASK_OPTIONS) | set(ACTOR_OPTIONS))))
     for name in options:
         if name not in TASK_OPTIONS and name not in ACTOR_OPTIONS:
             raise ValueError(f"unknown option {name!r}; valid options are: "
@@ -249,7 +263,9 @@ def kill(actor, *, no_restart=True):
     With no_restart=False an actor created with max_restarts is restarted.
     """
     if not isinstance(actor, ActorHandle):
-        raise TypeError(f"kill expects an actor handle, got {type(actor).__name__}")
+        # ValueError, as Ray raises.
+        raise ValueError(f"kill() stops actors only: it expects an actor handle, got "
+                         f"{type(actor).__name__}")
     _client().send(("actor_kill", actor._actor_id, bool(no_restart)))
 
 

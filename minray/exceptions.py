@@ -1,4 +1,5 @@
 """Exceptions raised by minray, with the names Ray users know."""
+import warnings
 
 
 class RayError(Exception):
@@ -46,10 +47,34 @@ class WorkerCrashedError(RayError):
 
 
 class RayActorError(RayError):
-    """The actor is dead: its process died, it was killed or its constructor failed."""
+    """The actor is dead: its process died, it was killed or its constructor failed.
+
+    ``cause`` is the RayTaskError of the actor's constructor when that is why
+    it died (``actor_init_failed`` is then true), else None.
+    """
+
+    def __init__(self, message="the actor died before it finished this call", cause=None):
+        Exception.__init__(self, message)
+        self.cause = cause
+
+    @property
+    def actor_init_failed(self):
+        return isinstance(self.cause, RayTaskError)
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
 
 
-ActorDiedError = RayActorError
+class ActorDiedError(RayActorError):
+    """The RayActorError minray raises: the actor was killed, exited, lost its
+    process or could not be created (its constructor, or an argument of it,
+    failed)."""
+
+    @classmethod
+    def from_creation_error(cls, class_name, task_error):
+        """Calls of an actor whose constructor raised `task_error` (a RayTaskError)."""
+        return cls(f"actor {class_name} died because its constructor failed, so it cannot "
+                   f"run this call:\n{task_error}", cause=task_error)
 
 
 class ObjectLostError(RayError):
@@ -105,35 +130,46 @@ class RayTaskError(RayError):
             # The task re-raised a nested task's error: keep our traceback
             # (it contains the nested one) and the original exception's type.
             cause = cause.cause
-        cause_cls = type(cause)
-        if not _can_subclass(cause_cls):
+        if not isinstance(cause, BaseException):
             return self
-        name = f"RayTaskError({cause_cls.__name__})"
-        try:
-            cls = _dual_classes[cause_cls]
-        except KeyError:
-            cls = type(name, (RayTaskError, cause_cls), {
-                "__init__": _dual_init, "__str__": RayTaskError.__str__,
-                "__reduce__": _dual_reduce, "__module__": "minray.exceptions",
-            })
+        cause_cls = type(cause)
+        cls = _dual_classes.get(cause_cls)
+        if cls is None:
+            name = f"RayTaskError({cause_cls.__name__})"
+            try:
+                cls = type(name, (RayTaskError, cause_cls), {
+                    "__init__": _dual_init, "__str__": RayTaskError.__str__,
+                    "__reduce__": _dual_reduce, "__module__": "minray.exceptions",
+                })
+            except Exception as exc:      # a layout or metaclass conflict, a "final" class
+                cls = f"{type(exc).__name__}: {exc}"
             _dual_classes[cause_cls] = cls
-        return cls(self.function_name, self.traceback_str, cause, self.pid)
+        if isinstance(cls, str):
+            _warn_not_subclassable(cause_cls, cls)
+            return self
+        try:
+            return cls(self.function_name, self.traceback_str, cause, self.pid)
+        except Exception as exc:          # e.g. a __new__ that wants other arguments
+            _warn_not_subclassable(cause_cls, f"{type(exc).__name__}: {exc}")
+            return self
 
 
+# exception class -> its RayTaskError subclass, or why there can be none
 _dual_classes = {}
 
 
-def _can_subclass(cls):
-    try:
-        type("probe", (RayTaskError, cls), {})
-        return True
-    except TypeError:
-        return False
+def _warn_not_subclassable(cause_cls, reason):
+    warnings.warn(
+        f"the exception class {cause_cls.__module__}.{cause_cls.__qualname__} raised by a task "
+        f"cannot be combined with RayTaskError ({reason}); it is raised as a plain "
+        "RayTaskError, so `except` clauses for the original class will not catch it. The "
+        "original exception is in the error's .cause", RuntimeWarning, stacklevel=4)
 
 
 def _dual_init(self, function_name, traceback_str, cause, pid=None):
     RayTaskError.__init__(self, function_name, traceback_str, cause, pid)
-    self.__dict__.update(getattr(cause, "__dict__", {}))
+    for key, value in getattr(cause, "__dict__", {}).items():
+        self.__dict__.setdefault(key, value)      # RayTaskError's own attributes stay
 
 
 def _dual_reduce(self):
@@ -142,3 +178,44 @@ def _dual_reduce(self):
 
 def _rebuild_dual(function_name, traceback_str, cause, pid):
     return RayTaskError(function_name, traceback_str, cause, pid).as_instanceof_cause()
+
+
+class FailedArgument:
+    """The node manager's stand-in for "an argument of this task was an error".
+
+    It carries that error's serialized bytes unopened (the node manager never
+    unpickles errors of user code); the process that reads the task's result
+    rebuilds them into a RayTaskError of this task that wraps the argument's
+    error, as Ray raises for a task whose argument failed. For an actor's
+    constructor argument, the result is the ActorDiedError its calls get.
+    """
+
+    def __init__(self, function_name, meta, data, actor_class=None):
+        self.function_name = function_name
+        self.meta = bytes(meta)
+        self.data = bytes(data)
+        self.actor_class = actor_class
+
+    def __reduce__(self):
+        return _rebuild_failed_argument, (self.function_name, self.meta, self.data,
+                                          self.actor_class)
+
+
+def _rebuild_failed_argument(function_name, meta, data, actor_class):
+    from minray.serialization import deserialize
+    try:
+        error = deserialize(meta, data)
+    except Exception as exc:              # e.g. its class cannot be imported here
+        error = exc
+    if isinstance(error, RayTaskError):
+        cause, inner = error.cause, str(error)
+    else:
+        cause, inner = error, f"{type(error).__name__}: {error}"
+    if actor_class is not None:
+        function_name = f"{actor_class}.__init__"
+    task_error = RayTaskError(function_name,
+                              f"an argument of {function_name} could not be computed:\n{inner}",
+                              cause)
+    if actor_class is not None:
+        return ActorDiedError.from_creation_error(actor_class, task_error)
+    return task_error

@@ -31,7 +31,7 @@ def _check_count(name, value):
 
 class LocalCluster:
     def __init__(self, num_cpus=None, num_gpus=None, resources=None, object_store_memory=None,
-                 num_gcs_shards=1, log_to_driver=True, memory=None):
+                 num_gcs_shards=1, log_to_driver=True, memory=None, num_workers=None):
         _check_count("num_cpus", num_cpus)
         _check_count("num_gpus", num_gpus)
         _check_count("memory", memory)
@@ -66,6 +66,8 @@ class LocalCluster:
                 else max(0, available_memory() - self.object_store_memory))
         self.num_gcs_shards = num_gcs_shards
         self.log_to_driver = log_to_driver
+        # Worker processes to start: one per whole CPU unless given.
+        self.num_workers = num_workers or max(1, int(self.resources["CPU"]))
         self.session_dir = None
         self.socket_path = None
         self.process = None
@@ -82,7 +84,7 @@ class LocalCluster:
             "--session-dir", self.session_dir, "--resources", json.dumps(self.resources),
             "--object-store-memory", self.object_store_memory,
             "--num-gcs-shards", self.num_gcs_shards, "--parent-pid", os.getpid(),
-            "--ready-file", ready, "--num-workers", max(1, int(self.resources["CPU"])),
+            "--ready-file", ready, "--num-workers", self.num_workers,
             "--gpu-ids", json.dumps(self.gpu_ids))
         if not self.log_to_driver:
             cmd.append("--no-log-to-driver")

@@ -1,5 +1,7 @@
 """@minray.remote on a function: RemoteFunction and its options."""
 import hashlib
+import numbers
+import warnings
 
 from minray.serialization.code import dumps_code
 
@@ -8,6 +10,7 @@ from minray.resources import check_amount
 from minray.runtime import core
 from minray.runtime.object_ref import ObjectRef, serialize_with_refs
 from minray.runtime_context import current_task
+from minray.signatures import CallSignature
 
 TASK_OPTIONS = {
     "num_returns": "how many ObjectRefs .remote() returns (alias num_return_vals)",
@@ -22,11 +25,39 @@ TASK_OPTIONS = {
     "name": "a name for the task in the state API",
 }
 DEFAULT_MAX_RETRIES = 3
+# Pickled functions and actor classes, as Ray's limits: a warning above 10 MB,
+# an error above 100 MB (the message frame itself could carry up to 1 GiB).
+CODE_SIZE_WARN_BYTES = 10 ** 7
+CODE_SIZE_ERROR_BYTES = 10 ** 8
 
 
 def _bad_option(name, valid):
     options = ", ".join(sorted(valid))
     return ValueError(f"unknown option {name!r}; valid options are: {options}")
+
+
+def check_option_type(name, value, types, expected):
+    """TypeError (as Ray raises) when an option's value has the wrong type;
+    bools are not numbers here. Values of the right type but out of range are
+    ValueErrors, raised by the callers."""
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.60}")
+
+
+def check_num_returns(value, name="num_returns"):
+    if isinstance(value, str) and value in ("dynamic", "streaming"):
+        raise ValueError(f"{name}={value!r} (generators returning refs one by one) is not "
+                         "supported by minray; return a list, or use num_returns=N")
+    check_option_type(name, value, int, "an int >= 0")
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def check_count(name, value, minimum, what):
+    """An int option: TypeError if it is not an int, ValueError below minimum."""
+    check_option_type(name, value, int, what)
+    if value < minimum:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def validate_resources(options):
@@ -36,17 +67,19 @@ def validate_resources(options):
     memory = options.get("memory") or 0
     custom = options.get("resources") or {}
     for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus), ("memory", memory)):
+        check_option_type(name, value, numbers.Real, "a number >= 0")
         check_amount(name, value)
     if not isinstance(custom, dict):
-        raise ValueError(f"resources must be a dict of name -> amount, got {custom!r}")
+        raise TypeError(f"resources must be a dict of name -> amount, got {custom!r:.60}")
     for name, value in custom.items():
+        if not isinstance(name, str):
+            raise TypeError(f"resource names are strings, got {name!r}")
         if name in ("CPU", "GPU"):
             raise ValueError(f"use num_cpus / num_gpus instead of resources={{'{name}': ...}}")
         if name == "memory":
             raise ValueError("use the memory=... option (bytes) instead of "
                              "resources={'memory': ...}")
-        if not isinstance(name, str):
-            raise ValueError(f"resource names are strings, got {name!r}")
+        check_option_type(f"resource {name!r}", value, numbers.Real, "a number >= 0")
         check_amount(f"resource {name!r}", value)
     if num_gpus and num_gpus != int(num_gpus) and num_gpus > 1:
         raise ValueError(f"num_gpus above 1 must be a whole number, got {num_gpus}")
@@ -68,16 +101,37 @@ def validate_task_options(options, in_options=False):
         if isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 0:
             raise ValueError(f"max_calls must be an int >= 0 (0: no limit), got {max_calls!r}")
     if "num_return_vals" in options:
+        check_num_returns(options["num_return_vals"], "num_return_vals")
         options = dict(options)
         options.setdefault("num_returns", options.pop("num_return_vals"))
-    num_returns = options.get("num_returns", 1)
-    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
-        raise ValueError(f"num_returns must be an int >= 0, got {num_returns!r}")
-    max_retries = options.get("max_retries", DEFAULT_MAX_RETRIES)
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < -1:
-        raise ValueError(f"max_retries must be an int >= 0 (or -1 for unlimited), got {max_retries!r}")
+    check_num_returns(options.get("num_returns", 1))
+    check_count("max_retries", options.get("max_retries", DEFAULT_MAX_RETRIES), -1,
+                "an int >= 0 (or -1 for unlimited)")
+    if "name" in options:
+        check_option_type("name", options["name"], str, "a str")
     validate_resources(options)
     return options
+
+
+def check_code_size(pickled, kind, name, stacklevel):
+    """Refuse code whose pickle is too big to ship; warn when it is big.
+
+    Such a pickle nearly always means the function or class captured a large
+    object from its scope (an array, a model), which would be sent to every
+    worker that runs it.
+    """
+    size = len(pickled)
+    if size > CODE_SIZE_ERROR_BYTES:
+        raise ValueError(
+            f"{kind} {name} is too large to ship: it pickles to {size:,} bytes, over minray's "
+            f"limit of {CODE_SIZE_ERROR_BYTES:,} bytes (100 MB). It probably captures a "
+            "large object from its scope (a global or closure variable): put that object "
+            "in the object store with minray.put() and pass the ref as an argument instead")
+    if size > CODE_SIZE_WARN_BYTES:
+        warnings.warn(
+            f"{kind} {name} pickles to {size / 1e6:.1f} MB and is sent to every worker that "
+            "runs it; if it captures a large object, pass it with minray.put() instead",
+            RuntimeWarning, stacklevel=stacklevel)
 
 
 def encode_args(client, function_name, args, kwargs):
@@ -131,8 +185,12 @@ class RemoteFunction:
         self._name = getattr(function, "__qualname__", getattr(function, "__name__", "task"))
         self._pickled = None
         self._function_id = None
+        # Read once: .remote() checks each call against it (None: unchecked).
+        signature = CallSignature.of(function)
+        self._signature = None if signature is None or signature.free else signature
         self.__doc__ = function.__doc__
         self.__name__ = getattr(function, "__name__", "task")
+        self._call_name = f"{self.__name__}.remote()"
         self.__wrapped__ = function
 
     def __call__(self, *args, **kwargs):
@@ -151,15 +209,19 @@ class RemoteFunction:
     def _export(self, client):
         if self._pickled is None:
             try:
-                self._pickled = dumps_code(self._function)
+                pickled = dumps_code(self._function)
             except Exception as exc:
                 raise SerializationError(
                     f"remote function {self._name} cannot be pickled: {exc}") from None
-            self._function_id = hashlib.blake2b(self._pickled, digest_size=16).digest()
+            check_code_size(pickled, "remote function", self._name, stacklevel=5)
+            self._pickled = pickled
+            self._function_id = hashlib.blake2b(pickled, digest_size=16).digest()
         client.export_function(self._function_id, self._pickled, self._name)
 
     def _submit(self, args, kwargs, options, resources):
         from minray import api
+        if self._signature is not None:
+            self._signature.check(args, kwargs, self._call_name)
         client = api.ensure_initialized()
         self._export(client)
         num_returns = options.get("num_returns", 1)

@@ -15,7 +15,7 @@ import signal
 import pytest
 
 import minray
-from minray.exceptions import RayActorError, RayTaskError
+from minray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from minray_driver import module_cluster, poll, wait_for_file
 
 
@@ -26,7 +26,7 @@ cluster = module_cluster(num_cpus=2)
 class Account:
     """State, a raising method, a gated method and its pid."""
 
-    def __init__(self, balance=0):
+    def __init__(self, balance=0, note=None):
         self.balance = balance
         self.constructed_in = os.getpid()
 
@@ -72,11 +72,14 @@ def test_a_constructor_that_raises_fails_every_call():
 
     broken = Broken.remote(0)
     early = broken.value.remote()           # sent before the constructor failed
-    with pytest.raises(ZeroDivisionError) as info:
+    # As in Ray: the actor died, and its error carries the constructor's.
+    with pytest.raises(ActorDiedError, match="division by zero") as info:
         minray.get(early, timeout=30)
-    assert isinstance(info.value, RayTaskError) and "__init__" in str(info.value)
+    assert isinstance(info.value, RayActorError) and "__init__" in str(info.value)
+    assert isinstance(info.value.cause, RayTaskError)
+    assert isinstance(info.value.cause.cause, ZeroDivisionError)
     for _ in range(3):                      # and every later call too
-        with pytest.raises(ZeroDivisionError):
+        with pytest.raises(ActorDiedError, match="division by zero"):
             minray.get(broken.value.remote(), timeout=30)
 
 
@@ -93,9 +96,9 @@ def test_a_constructor_that_raises_is_not_restarted(tmp_path):
 
     path = str(tmp_path / "constructed")
     broken = Broken.remote(path)
-    with pytest.raises(RuntimeError, match="no"):
+    with pytest.raises(ActorDiedError, match="RuntimeError: no"):
         minray.get(broken.hello.remote(), timeout=30)
-    with pytest.raises(RuntimeError, match="no"):
+    with pytest.raises(ActorDiedError, match="RuntimeError: no"):
         minray.get(broken.hello.remote(), timeout=30)
     with open(path) as f:
         assert f.read() == "x"
@@ -250,8 +253,8 @@ def test_a_call_failed_by_its_argument_releases_its_other_arguments_evenly(gate)
         minray.get(err)
     big = minray.put(np.ones(1_000_000))
     with pytest.raises(KeyError):
-        minray.get(account.deposit.remote(err, big))
-    with pytest.raises(KeyError):                   # the same through a constructor
+        minray.get(account.hold.remote(err, big))
+    with pytest.raises(ActorDiedError, match="broken"):    # the same through a constructor
         minray.get(Account.remote(err, big).read.remote())
     result = total.remote(gated.remote(gate), big)
     del big

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 import minray
-from minray.exceptions import RayActorError, RayTaskError, TaskUnschedulableError
+from minray.exceptions import (
+    ActorDiedError, RayActorError, RayTaskError, TaskUnschedulableError,
+)
 from minray_driver import gone, module_cluster, poll, wait_for_file
 
 
@@ -747,5 +749,8 @@ def test_a_failed_constructor_argument_fails_every_call():
 
     c = Counter.remote(broken.remote())
     for _ in range(2):
-        with pytest.raises(ValueError, match="bad start"):
+        # As in Ray: the actor could not be created, so it died; the cause
+        # is its constructor's failure, which wraps the argument's error.
+        with pytest.raises(ActorDiedError, match="bad start") as info:
             minray.get(c.read.remote(), timeout=30)
+        assert isinstance(info.value.cause.cause, ValueError)

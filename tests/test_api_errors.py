@@ -33,18 +33,13 @@ def test_unknown_remote_option_lists_the_valid_ones():
 
 @pytest.mark.parametrize("options, pattern", [
     ({"num_returns": -1}, "num_returns"),
-    ({"num_returns": "2"}, "num_returns"),
-    ({"num_return_vals": 1.5}, "num_returns"),
+    ({"num_returns": "dynamic"}, "not supported"),
     ({"num_cpus": -1}, "num_cpus"),
-    ({"num_cpus": "1"}, "num_cpus"),
     ({"num_gpus": -0.5}, "num_gpus"),
     ({"num_gpus": 1.5}, "num_gpus"),
-    ({"resources": ["gpu"]}, "resources"),
     ({"resources": {"bank": -1}}, "bank"),
-    ({"resources": {"bank": "one"}}, "bank"),
     ({"resources": {"CPU": 1}}, "num_cpus"),
     ({"max_retries": -2}, "max_retries"),
-    ({"max_retries": 1.0}, "max_retries"),
 ])
 def test_bad_option_values_are_value_errors(options, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -55,6 +50,28 @@ def test_bad_option_values_are_value_errors(options, pattern):
         pass
 
     with pytest.raises(ValueError, match=pattern):
+        f.options(**options)
+
+
+@pytest.mark.parametrize("options, pattern", [
+    ({"num_returns": "2"}, "num_returns"),
+    ({"num_return_vals": 1.5}, "num_return_vals"),
+    ({"num_cpus": "1"}, "num_cpus"),
+    ({"resources": ["gpu"]}, "resources"),
+    ({"resources": {"bank": "one"}}, "bank"),
+    ({"max_retries": 1.0}, "max_retries"),
+])
+def test_wrongly_typed_option_values_are_type_errors(options, pattern):
+    # As in Ray: a value of the wrong type is a TypeError, a value of the
+    # right type but out of range a ValueError.
+    with pytest.raises(TypeError, match=pattern):
+        minray.remote(**options)(lambda: None)
+
+    @minray.remote
+    def f():
+        pass
+
+    with pytest.raises(TypeError, match=pattern):
         f.options(**options)
 
 
@@ -220,13 +237,13 @@ def test_actor_class_and_method_misuse_are_clear_errors(cluster):
         handle.incr()
     with pytest.raises(AttributeError, match="incr"):
         handle.decr
-    with pytest.raises(ValueError, match="max_restarts"):
+    with pytest.raises(TypeError, match="max_restarts"):
         Counter.options(max_restarts="lots")
     with pytest.raises(ValueError, match="valid options"):
         Counter.options(num_return_values=2)
     with pytest.raises(ValueError, match="no live actor named"):
         minray.get_actor("nobody-has-this-name")
-    with pytest.raises(TypeError, match="actor handle"):
+    with pytest.raises(ValueError, match="actor handle"):
         minray.kill("not an actor")
 
 

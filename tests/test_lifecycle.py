@@ -176,9 +176,8 @@ def f():
 print(minray.get(f.remote()))
 minray.shutdown()
 minray.shutdown()                      # a second shutdown is harmless
-# After shutdown a new cluster can be started, with other resources; the
-# original docs' num_workers is an alias of num_cpus.
-second = minray.init(num_workers=2)
+# After shutdown a new cluster can be started, with other resources.
+second = minray.init(num_cpus=2)
 assert second["session_dir"] != first["session_dir"]
 assert minray.cluster_resources()["CPU"] == 2.0
 print(minray.get(f.remote()))

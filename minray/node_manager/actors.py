@@ -9,7 +9,7 @@ holds back only the later calls of its own caller; the calls of different
 callers interleave in the order they became ready. A threaded or async actor
 (max_concurrency > 1 or async methods) keeps no order, as in Ray: each call
 goes to its worker as soon as its own arguments are there. Calls whose actor
-is dead, or that were running when it died, fail with RayActorError.
+is dead, or that were running when it died, fail with ActorDiedError (a RayActorError).
 
 Lifetime, as in Ray. A non-detached actor stops when its creator (owner)
 exits, and once nothing holds its handles: handles are counted by the object
@@ -24,8 +24,8 @@ import logging
 
 from minray import ids
 from minray._core.scheduler import Task
-from minray.exceptions import RayActorError, TaskCancelledError, TaskUnschedulableError
-from minray.node_manager.objects import error_object
+from minray.exceptions import ActorDiedError, TaskCancelledError, TaskUnschedulableError
+from minray.node_manager.objects import error_object, failed_argument_object
 from minray.node_manager.tasks import MalformedSpec, check_args, parse_spec
 from minray.protocol import ACTOR_HANDLES, ERROR, ActorCallSpec
 from minray.resources import is_valid_request
@@ -156,7 +156,8 @@ class ActorManager:
                    if actor.placement else "")))
             return
         if failed is not None:
-            self.die_with(actor, *failed)
+            self.die_with(actor, *failed_argument_object(
+                None, *failed, actor_class=spec["class_name"]))
             return
         actor.missing = len(missing)
         for object_id in missing:
@@ -217,7 +218,7 @@ class ActorManager:
         task.extra = "call"
         actor = self.actors.get(spec.actor_id)
         if actor is None:
-            self.tasks.fail_with(task, RayActorError(
+            self.tasks.fail_with(task, ActorDiedError(
                 f"no actor {spec.actor_id.hex()} on this node: it was never created here"))
             return
         if actor.state == DEAD:
@@ -225,7 +226,8 @@ class ActorManager:
             return
         failed, missing = self.tasks.claim_args(spec.args, spec.contained, spec.method)
         if failed is not None:
-            self.tasks.fail(task, *failed)
+            self.tasks.fail(task, *failed_argument_object(
+                f"{actor.spec['class_name']}.{spec.method}", *failed))
             return
         task.missing = len(missing)
         for object_id in missing:
@@ -269,7 +271,8 @@ class ActorManager:
             if actor.state == DEAD:
                 continue
             if entry.kind == ERROR:
-                self.die_with(actor, entry.meta, entry.data)
+                self.die_with(actor, *failed_argument_object(
+                    None, entry.meta, entry.data, actor_class=actor.spec["class_name"]))
                 continue
             actor.missing -= 1
             if actor.missing == 0:
@@ -279,7 +282,8 @@ class ActorManager:
         for actor, task in self.waiting_calls.pop(object_id, ()):
             task.missing -= 1
             if entry.kind == ERROR and task.extra != "failed":
-                self.tasks.fail(task, entry.meta, entry.data)
+                self.tasks.fail(task, *failed_argument_object(
+                    f"{actor.spec['class_name']}.{task.spec.method}", entry.meta, entry.data))
             touched.setdefault(actor, {})[actor.caller(task)] = None
         for actor, callers in touched.items():
             self.pump(actor, callers)
@@ -293,7 +297,7 @@ class ActorManager:
         otherwise left to finish, its result replaced by TaskCancelledError.
         """
         for actor in self.actors.values():
-            queued = next((t for t in actor.calls if t.task_id == task_id), None)
+            queued = next((t for t in actor.queued_calls() if t.task_id == task_id), None)
             sent = None
             if queued is None and actor.worker is not None:
                 sent = next((t for t in actor.worker.queue if t.task_id == task_id), None)
@@ -304,7 +308,10 @@ class ActorManager:
                         "would be lost with its process; cancel without force, or "
                         "minray.kill the actor")
             if queued is not None:
-                actor.calls.remove(queued)
+                caller = actor.caller(queued)
+                actor.calls[caller].remove(queued)
+                if not actor.calls[caller]:
+                    del actor.calls[caller]
                 self.tasks.fail(queued, *error_object(TaskCancelledError(
                     task_id.hex(), f"actor call {queued.spec.method} was cancelled with "
                     "minray.cancel")), state="CANCELLED")
@@ -327,7 +334,7 @@ class ActorManager:
         self._unplace(actor)
         running, worker.queue = worker.queue, []
         for task in running:
-            self.tasks.fail_with(task, RayActorError(
+            self.tasks.fail_with(task, ActorDiedError(
                 f"actor {actor.spec['class_name']} died while running {task.spec.method}"))
         if actor.state == DEAD:
             return
@@ -340,7 +347,7 @@ class ActorManager:
             self.unplaced.append(actor)
             self.dispatcher.schedule()
         else:
-            self.die(actor, RayActorError(
+            self.die(actor, ActorDiedError(
                 f"actor {actor.spec['class_name']} died: its process exited unexpectedly "
                 "(max_restarts exhausted)"))
 
@@ -357,7 +364,7 @@ class ActorManager:
             return
         if no_restart:
             actor.restarts_left = 0
-            self.die(actor, RayActorError(reason or (
+            self.die(actor, ActorDiedError(reason or (
                 f"actor {actor.spec['class_name']} was killed with minray.kill")))
         elif actor.worker is not None:
             # Its worker counts as dead now (and is killed), so the restart is
@@ -405,7 +412,7 @@ class ActorManager:
         actor = self.actors.get(worker.actor)
         if actor is not None and actor.worker is worker:
             actor.restarts_left = 0
-            self.die(actor, RayActorError(
+            self.die(actor, ActorDiedError(
                 f"actor {actor.spec['class_name']} exited (minray.actor.exit_actor())"))
 
     def handles_freed(self, object_id, entry):
@@ -428,7 +435,7 @@ class ActorManager:
         if (not actor.released or spec["detached"] or actor.state == DEAD or actor.calls
                 or (actor.worker is not None and actor.worker.queue)):
             return
-        self.die(actor, RayActorError(
+        self.die(actor, ActorDiedError(
             f"actor {spec['class_name']} was stopped: every handle to it was dropped"))
 
     def owner_left(self, conn):
@@ -437,7 +444,7 @@ class ActorManager:
                 self._owner_gone(actor)
 
     def _owner_gone(self, actor):
-        self.die(actor, RayActorError(
+        self.die(actor, ActorDiedError(
             f"actor {actor.spec['class_name']} was stopped: the process that created "
             "it exited (pass lifetime='detached' to keep it)"))
 

@@ -28,7 +28,7 @@ the actor manager hears (freed_listeners) when nothing holds it any more.
 """
 import logging
 
-from minray.exceptions import ObjectLostError
+from minray.exceptions import FailedArgument, ObjectLostError
 from minray.protocol import ACTOR_HANDLES, ERROR, IN_STORE, INLINE, KIND_NAMES
 from minray.serialization import serialize
 
@@ -39,6 +39,14 @@ def error_object(exc):
     """Serialize an exception into (meta, bytes) of an ERROR object."""
     ser = serialize(exc)
     return ser.metadata, ser.to_bytes()
+
+
+def failed_argument_object(function_name, meta, data, actor_class=None):
+    """The ERROR object of a task or call (or, with actor_class, an actor's
+    creation) whose argument is the ERROR object (meta, data): a RayTaskError
+    of its own wrapping the argument's error, as in Ray. The argument's error
+    is carried as bytes, never unpickled here (minray.exceptions.FailedArgument)."""
+    return error_object(FailedArgument(function_name, meta, data, actor_class))
 
 
 class ObjectEntry:

@@ -13,7 +13,7 @@ from minray.exceptions import (
     ObjectLostError, TaskCancelledError, TaskUnschedulableError, WorkerCrashedError,
 )
 from minray.node_manager.dispatch import pop_from_worker
-from minray.node_manager.objects import error_object
+from minray.node_manager.objects import error_object, failed_argument_object
 from minray.protocol import ERROR, IN_STORE, ActorCallSpec, TaskSpec
 from minray.resources import is_valid_request
 
@@ -114,7 +114,7 @@ class TaskManager:
                 "lower the request or add a node with those resources")))
             return
         if failed is not None:
-            self.fail(task, *failed)
+            self.fail(task, *failed_argument_object(spec.name, *failed))
             return
         self.queues.add(task, missing)
         if not missing:
@@ -232,7 +232,8 @@ class TaskManager:
     def object_ready(self, object_id, entry):
         if entry.kind == ERROR:
             for task in self.queues.drain_waiting_on(object_id):
-                self.fail(task, entry.meta, entry.data)
+                self.fail(task, *failed_argument_object(spec_name(task.spec),
+                                                        entry.meta, entry.data))
         elif self.queues.object_available(object_id):
             self.dispatcher.schedule()
 

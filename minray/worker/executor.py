@@ -1,4 +1,5 @@
 """The worker loop: take dispatched tasks, run them, send back their results."""
+import atexit
 import collections
 import inspect
 import os
@@ -11,7 +12,9 @@ import traceback
 import cloudpickle
 
 from minray import ids, runtime_context
-from minray.exceptions import RaySystemError, RayTaskError, SerializationError, TaskCancelledError
+from minray.exceptions import (
+    ActorDiedError, RaySystemError, RayTaskError, SerializationError, TaskCancelledError,
+)
 from minray.object_store import write_serialized
 from minray.protocol import ERROR, IN_STORE, INLINE
 from minray.runtime import core
@@ -65,6 +68,7 @@ class Executor:
         self.client = client
         self.worker_id = worker_id
         self.instance = None              # the actor's object, if we host one
+        self.methods = {}                 # name -> the instance's bound method
         self.concurrency = None           # ConcurrentCalls of a threaded/async actor
         self.functions = {}
         self.code = {}                    # pickles of dropped dispatches (see Cancellation)
@@ -195,7 +199,10 @@ class Executor:
 
     def resolve_function(self, function_id, pickled, name):
         if function_id is None:                      # a method of our actor
-            return getattr(self.instance, name)
+            method = self.methods.get(name)
+            if method is None:
+                method = self.methods[name] = actor_method(self.instance, name)
+            return method
         function = self.functions.get(function_id)
         if function is None:
             if pickled is None:
@@ -223,7 +230,10 @@ class Executor:
         except ActorExit:
             self.exit_actor()
         except Exception as exc:
-            error_text, results = self.encode_error(f"{class_name}.__init__", [b""], exc)
+            # Its calls raise ActorDiedError, carrying the constructor's error.
+            error_text, results = self.encode_error(
+                f"{class_name}.__init__", [b""], exc,
+                wrap=lambda error: ActorDiedError.from_creation_error(class_name, error))
             meta, data = results[0][2], results[0][3]
         finally:
             client.executing = False
@@ -236,8 +246,11 @@ class Executor:
         client.send(("actor_ready", actor_id, meta, data, error_text))
 
     def exit_actor(self):
-        """exit_actor() was called: report finished calls, tell the node manager, go."""
+        """exit_actor() was called: report finished calls, run the atexit
+        handlers (as a process that exits does), tell the node manager, go."""
         self.flush()
+        # Before actor_exit: the node manager then kills this process.
+        atexit._run_exitfuncs()
         self.client.send(("actor_exit",))
         sys.stdout.flush()
         sys.stderr.flush()
@@ -281,14 +294,17 @@ class Executor:
                                 serialized.total_size, contained))
         return results
 
-    def encode_error(self, name, return_ids, exc):
+    def encode_error(self, name, return_ids, exc, wrap=None):
+        """The error results of a failed call: a RayTaskError around `exc`
+        (passed through `wrap` if given)."""
         text = remote_traceback(exc)
-        error = RayTaskError(name, text, exc, os.getpid())
+        wrap = wrap or (lambda error: error)
+        error = wrap(RayTaskError(name, text, exc, os.getpid()))
         try:
             serialized = serialize(error)
         except SerializationError:
             # The exception itself cannot travel: send its text instead.
-            error = RayTaskError(name, text, RuntimeError(repr(exc)), os.getpid())
+            error = wrap(RayTaskError(name, text, RuntimeError(repr(exc)), os.getpid()))
             serialized = serialize(error)
         payload = serialized.to_bytes()
         summary = f"task {name} failed (pid={os.getpid()}):\n{text.rstrip()}"
@@ -307,6 +323,29 @@ def remote_traceback(exc):
 
 class ActorExit(BaseException):
     """Raised by minray.actor.exit_actor() to end the actor's process."""
+
+
+def _terminate():
+    raise ActorExit()
+
+
+def actor_method(instance, name):
+    """What a call of method `name` runs: the method as the class defines it,
+    bound to the instance (an instance attribute of the same name does not
+    hide it, as in Ray), or one of the built-ins every actor has."""
+    if name == "__ray_ready__":
+        return lambda: True
+    if name == "__ray_call__":
+        return lambda fn, *args, **kwargs: fn(instance, *args, **kwargs)
+    if name == "__ray_terminate__":
+        return _terminate
+    cls = type(instance)
+    try:
+        raw = inspect.getattr_static(cls, name)
+    except AttributeError:
+        return getattr(instance, name)      # e.g. made by a __getattr__
+    binder = getattr(type(raw), "__get__", None)
+    return raw if binder is None else binder(raw, instance, cls)
 
 
 class ConcurrentCalls:
