@@ -347,8 +347,6 @@ class ActorHandle:
             raise AttributeError(
                 f"actor {self.__dict__.get('_class_name', '?')} has no method {name!r}; "
                 f"its methods are: {', '.join(sorted(methods)) or '(none)'}")
-        if isinstance(info, int):         # (num_returns only: calls unchecked)
-            return ActorMethod(self, name, info, None)
         signatures = self._signatures
         try:
             signature = signatures[name]

@@ -13,7 +13,7 @@ from minray.local_cluster import LocalCluster, find_node_socket
 from minray.actor import ACTOR_OPTIONS, ActorClass, ActorHandle, check_namespace
 from minray.remote_function import TASK_OPTIONS, RemoteFunction, check_count
 from minray.runtime import core
-from minray.runtime.object_ref import ObjectRef
+from minray.runtime.object_ref import ObjectRef, serialize_with_refs
 from minray.session import read_token
 
 INIT_OPTIONS = ("address", "num_cpus", "num_gpus", "resources", "object_store_memory",
@@ -305,7 +305,6 @@ def put(value):
     """Store a value in the object store; returns its ObjectRef."""
     if isinstance(value, ObjectRef):
         raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself around")
-    from minray.runtime.object_ref import serialize_with_refs
     client = ensure_initialized()
     serialized, contained = serialize_with_refs(value)
     object_id = client.next_put_id()

@@ -9,7 +9,7 @@ message is read.
 """
 from typing import NamedTuple
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 # How a value travels: inline (its bytes in messages), in the node's store,
 # or an error (inline bytes of a pickled exception). ACTOR_HANDLES is no
@@ -31,8 +31,8 @@ class TaskSpec(NamedTuple):
     resources: dict
     max_retries: int
     contained: list         # ids of refs serialized inside inline arguments
-    max_calls: int = 0      # its worker exits after running this many (0: never)
-    parent_task_id: bytes = None    # the task (or driver) that submitted it
+    max_calls: int          # its worker exits after running this many (0: never)
+    parent_task_id: bytes   # the task (or driver) that submitted it
 
 
 class ActorCallSpec(NamedTuple):
@@ -122,6 +122,10 @@ TO_CLIENT = {
 # Requests whose handler must answer even when it fails: name -> position of
 # the request id among the fields.
 REQUEST_ID_FIELD = {"info": 0, "actor_create": 1, "cancel": 0}
+
+
+# Name -> the length of a well-formed message, for a quick check per message.
+NODE_MANAGER_MESSAGE_LENGTHS = {name: len(fields) + 1 for name, fields in TO_NODE_MANAGER.items()}
 
 
 def bad_message(message, expected):

@@ -98,8 +98,7 @@ def validate_task_options(options, in_options=False):
             # As in Ray: a worker counts calls per function, not per .options().
             raise ValueError("max_calls can only be set in @minray.remote(...), "
                              "not in .options()")
-        if isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 0:
-            raise ValueError(f"max_calls must be an int >= 0 (0: no limit), got {max_calls!r}")
+        check_count("max_calls", max_calls, 0, "an int >= 0 (0: no limit)")
     if "num_return_vals" in options:
         check_num_returns(options["num_return_vals"], "num_return_vals")
         options = dict(options)

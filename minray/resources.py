@@ -16,6 +16,10 @@ def check_amount(what, value):
 
 def is_valid_request(resources):
     """True if a resource dict (as it crossed a socket) is safe to schedule."""
-    return isinstance(resources, dict) and all(
-        isinstance(name, str) and type(amount) in (int, float)
-        and math.isfinite(amount) and amount >= 0 for name, amount in resources.items())
+    if type(resources) is not dict:
+        return False
+    for name, amount in resources.items():
+        if (type(name) is not str or type(amount) not in (int, float)
+                or not 0 <= amount < math.inf):        # NaN fails both comparisons
+            return False
+    return True

@@ -52,7 +52,7 @@ LARGE_MAX_FRAME = MAX_FRAME      # a listed kind that can legitimately be large
 # capture big objects), specs and results carrying many inline values (up to
 # 100 KB each), and lists of ids (a get or free of millions of refs).
 NODE_MANAGER_MAX_FRAME = dict.fromkeys(
-    ("fn", "actor_create", "submit", "actor_call", "done",
+    ("fn", "actor_create", "submit", "actor_call", "done", "put",
      "sub", "borrow", "free", "escape"), LARGE_MAX_FRAME)
 
 

@@ -212,7 +212,7 @@ def control_store(tmp_path):
 
 def _spec(i, args=()):
     task_id = i.to_bytes(16, "big")
-    return TaskSpec(task_id, b"f" * 16, "work", list(args), (), 1, {"CPU": 1.0}, 0, [])
+    return TaskSpec(task_id, b"f" * 16, "work", list(args), (), 1, {"CPU": 1.0}, 0, [], 0, None)
 
 
 def test_a_full_log_drops_with_a_counted_warning_and_never_blocks(control_store, caplog):

@@ -217,7 +217,7 @@ def test_max_calls_is_counted_per_function():
 def test_max_calls_is_checked():
     with pytest.raises(ValueError, match="max_calls"):
         minray.remote(max_calls=-1)(lambda: 1)
-    with pytest.raises(ValueError, match="max_calls"):
+    with pytest.raises(TypeError, match="max_calls"):        # a wrong type, as in Ray
         minray.remote(max_calls=1.5)(lambda: 1)
 
     @minray.remote

@@ -111,6 +111,10 @@ class ActorManager:
         self.waiting_creation = {}        # object id -> [actor]
         self.waiting_calls = {}           # object id -> [(actor, task)]
         dispatcher.place_actors = self.place
+        # A worker whose tasks created live actors must keep running: those
+        # actors end with the process that created them.
+        dispatcher.holds_actors = lambda worker: self.owned_counts.get(worker.conn, 0) > 0
+        self.kill_worker = None           # the node's way to kill a worker (NodeManager)
         tasks.cancel_actor_call = self.cancel_call
         objects.ready_listeners.append(self.object_ready)
         objects.freed_listeners.append(self.handles_freed)
@@ -174,9 +178,7 @@ class ActorManager:
             if actor.state == DEAD:
                 self.unplaced.popleft()
                 continue
-            worker = dispatcher.lease_dedicated(
-                actor.resources, actor.placement,
-                unsuitable=lambda w: self.owned_counts[w.conn] > 0)
+            worker = dispatcher.lease_dedicated(actor.resources, actor.placement)
             if worker is None:
                 break
             self.unplaced.popleft()
@@ -267,6 +269,8 @@ class ActorManager:
         self.maybe_retire(actor)
 
     def object_ready(self, object_id, entry):
+        if not self.waiting_creation and not self.waiting_calls:
+            return                        # (every announced object passes here)
         for actor in self.waiting_creation.pop(object_id, ()):
             if actor.state == DEAD:
                 continue
@@ -322,9 +326,11 @@ class ActorManager:
         return None                       # finished, or never here: nothing to do
 
     def call_done(self, worker):
+        # Calls are sent as soon as their arguments are there, so a finished
+        # call frees none: only an actor with nothing left may retire now.
         actor = self.actors.get(worker.actor)
         if actor is not None:
-            self.pump(actor)
+            self.maybe_retire(actor)
 
     # ------------------------------------------------------------ endings
     def worker_died(self, worker):
@@ -369,11 +375,7 @@ class ActorManager:
         elif actor.worker is not None:
             # Its worker counts as dead now (and is killed), so the restart is
             # under way before any later call arrives: those wait for it.
-            worker = actor.worker
-            worker.dead = True
-            self.dispatcher.pool.remove(worker.worker_id)
-            self.worker_died(worker)
-            self.dispatcher.schedule()
+            self.kill_worker(actor.worker)
 
     def die(self, actor, exc):
         self.die_with(actor, *error_object(exc))
@@ -386,7 +388,6 @@ class ActorManager:
         actor.death = (meta, data)
         worker = actor.worker
         self._unplace(actor)
-        actor.state = DEAD
         if worker is not None and not worker.dead:
             running, worker.queue = worker.queue, []
             for task in running:

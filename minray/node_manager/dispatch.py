@@ -77,19 +77,21 @@ class GpuSlots:
 class Dispatcher:
     def __init__(self, resources, pool, objects, num_workers, batcher, gpu_ids=None):
         self.queues = SchedulerQueues(resources)
-        self.resources = dict(resources)
         if gpu_ids is None:
             gpu_ids = range(int(resources.get("GPU", 0)))
         self.gpus = GpuSlots(gpu_ids)
         self.pool = pool
         self.objects = objects
         self.num_workers = num_workers
-        self.max_workers = max(MIN_MAX_WORKERS, 4 * num_workers)
+        # The cap follows the CPUs (init(num_workers=) only sets how many start).
+        cpus = max(1, int(resources.get("CPU", 1)))
+        self.max_workers = max(MIN_MAX_WORKERS, 4 * cpus, num_workers)
         self.functions = {}        # function id -> its pickle (sent once per worker)
         self.durations = {}        # function id -> recent run time (s)
         self.idle = []
         self.pending = False
         self.place_actors = None   # called first in each dispatch round
+        self.holds_actors = lambda worker: False   # workers never retired or dedicated
         self.drop_cancelled = None # fails a cancelled task found back in the queue
         self.batcher = batcher
         batcher.before_flush = self._dispatch_if_pending
@@ -271,7 +273,7 @@ class Dispatcher:
             return
         other = CPU_KIND if wants_gpu else GPU_KIND
         for worker in self.idle:
-            if worker.kind == other:
+            if worker.kind == other and not self.holds_actors(worker):
                 self.idle.remove(worker)
                 self.retire(worker)
                 return
@@ -288,10 +290,10 @@ class Dispatcher:
         if task_workers + len(self.pool.starting) < self.num_workers:
             self.pool.start()
 
-    def lease_dedicated(self, resources, placement=None, unsuitable=None):
+    def lease_dedicated(self, resources, placement=None):
         """An idle worker holding `resources` for an actor, or None (a worker
-        is being started, or the resources are not free now). Idle workers
-        for which unsuitable(worker) is true are passed over.
+        is being started, or the resources are not free now). Workers that
+        hold actors (holds_actors) are passed over.
 
         `placement`: resources it holds only until its constructor is done
         (end_placement); Ray's default actor needs a CPU to be placed.
@@ -304,7 +306,7 @@ class Dispatcher:
         if not self.queues.fits(needed):
             return None
         wants_gpu = resources.get("GPU", 0.0) > 0
-        worker = self._idle_worker(wants_gpu, unsuitable)
+        worker = self._idle_worker(wants_gpu, self.holds_actors)
         if worker is None:
             self._make_room(wants_gpu, for_actor=True)
             return None

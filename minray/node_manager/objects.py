@@ -245,7 +245,9 @@ class ObjectDirectory:
 
     def maybe_free(self, object_id):
         """Delete an object nobody holds; then whatever only it contained."""
-        self.maybe_free_all([object_id])
+        entry = self.entries.get(object_id)
+        if entry is not None and entry.ready and not entry.held:
+            self.maybe_free_all((object_id,))
 
     def maybe_free_all(self, object_ids):
         pending = list(object_ids)

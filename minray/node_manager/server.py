@@ -29,7 +29,9 @@ from minray.node_manager.objects import ObjectDirectory
 from minray.node_manager.tasks import TaskManager
 from minray.node_manager.workers import WorkerPool
 from minray.object_store import SharedStore
-from minray.protocol import IN_STORE, REQUEST_ID_FIELD, TO_NODE_MANAGER, bad_message
+from minray.protocol import (
+    IN_STORE, NODE_MANAGER_MESSAGE_LENGTHS, REQUEST_ID_FIELD, TO_NODE_MANAGER, bad_message,
+)
 from minray.session import node_socket_path
 
 log = logging.getLogger("minray.node_manager")
@@ -48,9 +50,11 @@ class Connection(wire.FramedServerProtocol):
         self.embedded_owner = False
 
     def message_received(self, message):
-        problem = bad_message(message, TO_NODE_MANAGER)
-        if problem is not None:
-            raise wire.ProtocolError(problem)
+        # (wire.decode gives plain data; a well-formed message is a tuple
+        # whose name has the right number of fields)
+        if (type(message) is not tuple or not message or type(message[0]) is not str
+                or NODE_MANAGER_MESSAGE_LENGTHS.get(message[0]) != len(message)):
+            raise wire.ProtocolError(bad_message(message, TO_NODE_MANAGER))
         self.manager.handle(self, message)
 
     def lost(self):
@@ -83,6 +87,7 @@ class NodeManager:
                                      self.batcher, gpu_ids)
         self.tasks = TaskManager(self.dispatcher, self.objects, self.lineage)
         self.actors = ActorManager(self.dispatcher, self.tasks, self.objects, self.lineage)
+        self.actors.kill_worker = self.worker_died
         actors = self.actors
         self.handlers = {
             "hello": self.on_hello, "fn": self.on_function, "submit": self.tasks.submit,
@@ -196,8 +201,9 @@ class NodeManager:
             self.stopping.set()
 
     def worker_died(self, worker):
+        """A worker's process ended, or is to end now (it is killed here)."""
         if worker.dead:
-            return                  # already handled (an actor killed for a restart)
+            return                  # already handled (e.g. killed for an actor's restart)
         worker.dead = True
         self.pool.remove(worker.worker_id)
         # Results and puts it sealed but never reported: evictable from now on.
@@ -270,10 +276,10 @@ class NodeManager:
         worker = conn.worker
         self.tasks.done(worker, items)
         if worker.actor is not None:
-            self.actors.call_done(worker)
+            self.actors.call_done(worker)       # an actor's worker releases nothing
         else:
             self.dispatcher.release_if_idle(worker)
-        self.dispatcher.schedule()
+            self.dispatcher.schedule()
 
     def on_blocked(self, conn, not_started):
         if conn.worker is not None:

@@ -33,12 +33,13 @@ def parse_spec(spec_type, fields):
     except TypeError:
         raise MalformedSpec(f"a {spec_type.__name__} has {len(spec_type._fields)} fields, "
                             f"got {len(fields)}") from None
-    if not isinstance(spec.task_id, bytes) or len(spec.task_id) != ids.TASK_ID_SIZE:
+    # Exact type checks: cheap, and what a well-formed (plain-data) spec has.
+    if type(spec.task_id) is not bytes or len(spec.task_id) != ids.TASK_ID_SIZE:
         raise MalformedSpec("a task id is 16 bytes")
-    if isinstance(spec.num_returns, bool) or not isinstance(spec.num_returns, int) \
-            or not 0 <= spec.num_returns < 1 << 20:
+    if type(spec.num_returns) is not int or not 0 <= spec.num_returns < 1 << 20:
         raise MalformedSpec(f"num_returns must be a small int, got {spec.num_returns!r}")
-    check_args(spec.args, spec.contained)
+    if spec.args or spec.contained or type(spec.contained) is not list:
+        check_args(spec.args, spec.contained)
     return spec
 
 
@@ -56,12 +57,14 @@ def parse_task_spec(fields):
 
 
 def check_args(args, contained):
+    if type(args) is not list:
+        raise MalformedSpec("arguments are a list")
     for arg in args:
-        if not (isinstance(arg, tuple) and (
-                (len(arg) == 2 and arg[0] == "r" and isinstance(arg[1], bytes))
+        if not (type(arg) is tuple and (
+                (len(arg) == 2 and arg[0] == "r" and type(arg[1]) is bytes)
                 or (len(arg) == 3 and arg[0] == "v"))):
             raise MalformedSpec(f"an argument is ('r', id) or ('v', meta, bytes), got {arg!r:.80}")
-    if not isinstance(contained, list) or not all(isinstance(c, bytes) for c in contained):
+    if type(contained) is not list or any(type(c) is not bytes for c in contained):
         raise MalformedSpec("contained must be a list of object ids")
 
 

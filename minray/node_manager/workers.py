@@ -50,10 +50,6 @@ class WorkerState:
         self.dead = False
         self.actor = None           # actor id when dedicated to an actor
 
-    @property
-    def idle(self):
-        return not self.queue and not self.dead and self.actor is None
-
     def __repr__(self):
         return f"<worker {self.worker_id} pid={self.pid} queue={len(self.queue)}>"
 

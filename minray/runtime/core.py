@@ -370,13 +370,13 @@ class CoreClient:
         if owned:
             self.owned.discard(object_id)
             self.pending_free[object_id] = True
-        elif object_id in self.borrowed:
-            self.borrowed.discard(object_id)
-            self.pending_free[object_id] = False
             if value is None:
                 self.dropped_pending[object_id] = True
                 if len(self.dropped_pending) > DROPPED_PENDING_MAX:
                     self.dropped_pending.popitem(last=False)
+        elif object_id in self.borrowed:
+            self.borrowed.discard(object_id)
+            self.pending_free[object_id] = False
         if (owned and value is not None and value[0] == ERROR
                 and object_id not in self.errors_raised):
             self._report_unhandled(value[1], value[2])
