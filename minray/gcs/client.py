@@ -393,30 +393,23 @@ class GcsClient:
                 self._check(item[0], key)          # raises the error that says why
             by_shard.setdefault(zlib.crc32(key) % num_shards, []).append(item)
         for number, writes in by_shard.items():
-            shard = self.shards[number]
-            with shard.lock:
-                shard.pending.extend(writes)
-                full = len(shard.pending) >= self.batch_size
-            if full:
-                shard.flush()
-            elif number not in self._dirty:
-                with self._wake:
-                    if not self._dirty:
-                        self._wake.notify()
-                    self._dirty.add(number)
+            self._buffer(number, writes)
 
     def _write(self, table, key, value):
         self._check(table, key)
-        number = self._shard(key)
+        self._buffer(self._shard(key), ((table, key, value),))
+
+    def _buffer(self, number, writes):
+        """Queue writes for a shard; flush a full batch, else wake the flusher."""
         shard = self.shards[number]
         with shard.lock:
-            shard.pending.append((table, key, value))
+            shard.pending.extend(writes)
             full = len(shard.pending) >= self.batch_size
         if full:
             shard.flush()
         elif number not in self._dirty:
-            # Unlocked check: the write is appended first, so a shard already
-            # marked dirty is flushed after it. Saves a lock per write.
+            # Unlocked check: the writes are appended first, so a shard already
+            # marked dirty is flushed after them. Saves a lock per write.
             with self._wake:
                 if not self._dirty:
                     self._wake.notify()
