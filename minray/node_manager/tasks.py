@@ -94,8 +94,10 @@ class TaskManager:
         spec = parse_task_spec(fields)
         return_ids = [ids.return_object_id(spec.task_id, i) for i in range(1, spec.num_returns + 1)]
         existing = self.tasks.get(spec.task_id)
-        finished = bool(return_ids) and all(
-            (entry := self.objects.get(object_id)) is not None and entry.ready
+        entries = self.objects.entries
+        # (a new id has no entries: the usual case is decided by one lookup)
+        finished = bool(return_ids) and return_ids[0] in entries and all(
+            (entry := entries.get(object_id)) is not None and entry.ready
             for object_id in return_ids)
         for object_id in return_ids:
             self.objects.expect(object_id, conn)
