@@ -57,6 +57,7 @@ class Connection(wire.FramedServerProtocol):
     first_max_frame = wire.FIRST_MAX_FRAME
     default_max_frame = wire.ORDINARY_MAX_FRAME
     message_max_frame = wire.NODE_MANAGER_MAX_FRAME
+    seal_tcp_frames = True        # links with other node managers may cross hosts
 
     def __init__(self, manager):
         super().__init__(manager.token, name="node manager", batcher=manager.batcher)
@@ -89,10 +90,11 @@ class OutboundLink(Connection):
     done as its client (minray.node_manager.peers), so it starts
     authenticated and expects no hello."""
 
-    def __init__(self, manager, peer):
+    def __init__(self, manager, peer, frame_key):
         super().__init__(manager)
         self.role = "node"
         self.peer_node = peer
+        self.sealer = wire.FrameSealer(frame_key, we_are_server=False)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -160,6 +162,8 @@ class NodeManager:
             "nodes": lambda peer, rows: self.cluster.on_nodes(rows),
             "value": self.on_peer_value, "run": self.tasks.run_forwarded,
             "finished": self.tasks.forwarded_finished,
+            "create": actors.on_create_forwarded, "call": actors.on_call_forwarded,
+            "name": actors.on_name_request, "name_reply": actors.on_name_reply,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -212,11 +216,12 @@ class NodeManager:
                        store_used=0, store_capacity=self.store.stats().get("capacity"),
                        pid=os.getpid(), hostname=socket.gethostname())
         self.peers = PeerTable(self.token, dict(own.row(), version=__version__),
-                               lambda peer: OutboundLink(self, peer))
+                               lambda peer, key: OutboundLink(self, peer, key))
         self.cluster = ClusterView(own, self.head_address or self.address, self.peers,
                                    self.lineage, self.node_died)
         self.cluster.load = self.load
         self.tasks.cluster, self.tasks.peers = self.cluster, self.peers
+        self.actors.cluster, self.actors.peers = self.cluster, self.peers
         return tcp_server
 
     async def _join(self):
@@ -386,6 +391,7 @@ class NodeManager:
         lost = list(self.objects.located_on(address))
         peer = self.peers.known(address) or self.peers.get(address)
         self.tasks.node_died(address)
+        self.actors.node_died(address)
         for object_id, entry in lost:
             if entry.owner_peer is not None and entry.owner_peer.address == address:
                 exc = OwnerDiedError(f"object {object_id.hex()} is lost: the node that owns "
@@ -446,6 +452,9 @@ class NodeManager:
             result = self.cluster.rows()
         elif what == "tasks":
             result = self.tasks.rows(node_hex)
+        elif isinstance(what, tuple) and what[0] == "actor" and len(what) == 3:
+            self.actors.lookup_anywhere(conn, request_id, what[1], what[2])
+            return
         elif isinstance(what, tuple) and what[0] in ("actor", "namespace"):
             result = self.actors.query(what)
         elif what == "objects":
