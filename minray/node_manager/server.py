@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import time
 
 from minray import __version__, wire
 from minray.node_manager.actors import ActorManager
@@ -66,6 +67,7 @@ class Connection(wire.FramedServerProtocol):
         self.worker = None
         self.embedded_owner = False
         self.peer_node = None       # the Peer, on a link with another node manager
+        self.job_info = {}          # a driver's hello (its job)
 
     def message_received(self, message):
         # (wire.decode gives plain data; a well-formed message is a tuple
@@ -319,6 +321,7 @@ class NodeManager:
         conn.embedded_owner = bool(info.get("embedded_owner"))
         self.actors.job_started(info.get("job_id"), info.get("namespace"),
                                 info.get("anonymous_namespace"))
+        self._log_job(conn, info, "RUNNING")
         conn.send(("welcome", {
             "node_id": self.node_id, "store_name": self.store_name,
             "session_dir": self.session_dir, "resources": self.resources,
@@ -412,12 +415,29 @@ class NodeManager:
             return
         self.objects.forget_connection(conn)
         self.actors.owner_left(conn)
+        if conn in self.drivers:
+            self._log_job(conn, conn.job_info, "FINISHED")
         if conn.worker is not None:
             self.worker_died(conn.worker)
         self.drivers.discard(conn)
         if conn.embedded_owner and self.stopping is not None:
             log.info("the driver that started this cluster left; shutting down")
             self.stopping.set()
+
+    def _log_job(self, conn, info, state):
+        """Every driver is a job, recorded in the control store's jobs table."""
+        job_id = info.get("job_id")
+        if not isinstance(job_id, bytes):
+            return
+        conn.job_info = info
+        record = {"state": state, "driver_pid": info.get("pid"), "node": self.address,
+                  "namespace": info.get("namespace")}
+        if state == "RUNNING":
+            conn.job_started = record["start_time"] = time.time()
+        else:
+            record["start_time"] = getattr(conn, "job_started", None)
+            record["end_time"] = time.time()
+        self.lineage.log("jobs", job_id, record)
 
     def worker_died(self, worker):
         """A worker's process ended, or is to end now (it is killed here)."""
