@@ -103,9 +103,10 @@ class Peer:
         """The cluster view says the node is dead: drop its link and queue."""
         self.closed = True
         self.pending = []
-        if self.link is not None and not self.link.closed:
-            self.link.transport.abort()
-        self.link = None
+        link, self.link = self.link, None
+        if link is not None and not link.closed:
+            link._flush()                 # (what we just told it still goes out)
+            link.transport.close()
 
     def __repr__(self):
         return f"<peer {self.address}>"

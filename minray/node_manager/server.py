@@ -222,6 +222,7 @@ class NodeManager:
         self.cluster = ClusterView(own, self.head_address or self.address, self.peers,
                                    self.lineage, self.node_died)
         self.cluster.load = self.load
+        self.cluster.on_head_lost = lambda: self.stopping.set()
         self.tasks.cluster, self.tasks.peers = self.cluster, self.peers
         self.actors.cluster, self.actors.peers = self.cluster, self.peers
         return tcp_server
