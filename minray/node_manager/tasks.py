@@ -145,11 +145,13 @@ class TaskManager:
 
     # ------------------------------------------------------------ many nodes
     def _backlogged(self, resources):
-        """Too much waits here already for a task this node could run: it
-        may go to a node with room (bottom-up: local first)."""
-        return (not self.queues.fits(resources)
-                and self.queues.num_ready >= max(1, int(self.queues.total_resources.get("CPU", 1)))
-                and self.cluster.idle_elsewhere(resources))
+        """Tasks wait here for a worker, more per CPU than another node has
+        in flight from us: this one may go there (bottom-up: local first)."""
+        waiting = self.queues.num_ready
+        if not waiting:
+            return False
+        cpus = max(1.0, self.queues.total_resources.get("CPU", 1.0))
+        return self.cluster.idle_elsewhere(resources, waiting / cpus)
 
     def spill(self, task, need_room):
         """Send a task to another node (the cluster view's choice); False if
