@@ -221,6 +221,7 @@ class TaskManager:
             self.cluster.task_returned(peer.address)
         self.tasks.pop(task_id, None)
         self.release_args(task.spec.args, task.spec.contained)
+        self._tell_owner_node(task, state)      # a call we passed on for another node
 
     def node_died(self, address):
         """Tasks we sent to a dead node run again elsewhere, or fail."""
