@@ -325,8 +325,6 @@ class ActorManager:
                 return
             # Its results come back from there, and its arguments stay held
             # here until it has finished there (as a spilled task's).
-            for index in range(1, spec.num_returns + 1):
-                self.objects.get(ids.return_object_id(spec.task_id, index)).primary_peer = peer
             self.tasks.claim_args(spec.args, spec.contained, spec.method)
             self.tasks.tasks[spec.task_id] = task
             self.tasks.spilled[spec.task_id] = (task, peer, False)

@@ -291,10 +291,17 @@ class ObjectDirectory:
         for inner_id, owner_address in contained_owners:
             if inner_id not in self.entries and owner_address != self.address:
                 self.add_foreign(inner_id, peers.get(owner_address))
-        if kind == LOCATED and entry.owner_peer is None and peer.address in payload[1]:
-            entry.primary_peer = peer        # it keeps the primary copy for us
+        ours = entry.owner_peer is None
         self.set_ready(object_id, kind, meta, payload,
                        contained=[inner for inner, _ in contained_owners])
+        if ours:
+            # It made (or passed on) this value for us and keeps an entry
+            # for it until we free it: a stored value's copy now, an inline
+            # one as soon as the refs inside it are borrowed (just sent).
+            if kind == LOCATED:
+                entry.primary_peer = peer
+            else:
+                peer.send(("free", [object_id]))
         self.announce(object_id)
 
     def pulled(self, object_id, error=None):
