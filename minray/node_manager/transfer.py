@@ -224,7 +224,7 @@ class Puller:
                     "the node sent the object without its MAC, and this node requires one "
                     "(MINRAY_TRANSFER_INTEGRITY): set it the same on every node")
             try:
-                buf = self.store.create_object(object_id, size, meta)
+                buf = self.store.create_object(object_id, size, meta, map_now=False)
             except ObjectExistsError:
                 if self.store.hold_primary(object_id):
                     return                     # a copy is here already
