@@ -514,7 +514,9 @@ class FramedServerProtocol:
     def _handle_frames(self):
         batcher = self.batcher
         batcher.depth += 1
-        frames = split_frames(self.buffer, self._frame_limit)
+        # Past the first frame the limit is fixed: a number, not a call per frame.
+        frames = split_frames(self.buffer, self._frame_limit if self.frames_received == 0
+                              else self.largest_frame)
         try:
             for payload in frames:
                 self.frames_received += 1
