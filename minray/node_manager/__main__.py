@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import sys
 
 from minray.gcs import GcsClient, GcsProcesses
 from minray.node_manager.server import run_node_manager
@@ -19,6 +20,11 @@ LOG_FLUSH_DELAY_S = 0.05
 # dozen tasks and took ~5% of its time. Its long-lived state (imports,
 # tables) is frozen out of the collections once set up.
 GC_THRESHOLDS = (10_000, 10, 10)
+# The event loop gives up the GIL at every select and send, which is when the
+# background threads (the lineage log's writer, the control-store flusher)
+# should run. At Python's default (5 ms) they also forced it off mid-handler,
+# and each such hand-over costs a wake-up of the other thread on a busy host.
+SWITCH_INTERVAL_S = 0.02
 
 
 def main(argv=None):
@@ -65,6 +71,7 @@ def main(argv=None):
         return gcs
 
     gc.freeze()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     gc.set_threshold(*GC_THRESHOLDS)
     profile_path = os.environ.get("MINRAY_PROFILE_NODE_MANAGER")
     if profile_path:                  # developer aid: cProfile the whole run
