@@ -23,6 +23,7 @@ dropped peers are logged at a bounded rate.
 import hashlib
 import hmac
 import io
+import mmap
 import os
 import pickle
 import socket
@@ -247,6 +248,14 @@ def connect(address, token, timeout=HANDSHAKE_TIMEOUT_S):
         raise
 
 
+def recv_buffer():
+    """A writable view of RECV_SIZE bytes for recv_into. Private anonymous
+    memory: only the pages reads actually fill become resident (a bytearray
+    would be zeroed, all of it, in every process), and a forked child gets
+    its own copy."""
+    return memoryview(mmap.mmap(-1, RECV_SIZE, flags=mmap.MAP_PRIVATE))
+
+
 class FrameReader:
     """Reads frames from a blocking socket, buffering partial reads."""
 
@@ -259,7 +268,7 @@ class FrameReader:
     def read(self):
         while not self.ready:
             if self.view is None:
-                self.view = memoryview(bytearray(RECV_SIZE))
+                self.view = recv_buffer()
             n = self.sock.recv_into(self.view)
             if not n:
                 raise ConnectionResetError("connection closed by the peer")

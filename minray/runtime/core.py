@@ -54,7 +54,7 @@ class CoreClient:
         self.poller = select.poll()
         self.poller.register(self.sock, select.POLLIN)
         self.buffer = bytearray()
-        self.recv_view = memoryview(bytearray(wire.RECV_SIZE))   # only the reader uses it
+        self.recv_view = wire.recv_buffer()      # only the reader (self.reading) uses it
         self.send_lock = threading.Lock()
         self.cond = threading.Condition()
         self.reading = False
