@@ -388,7 +388,8 @@ class ObjectDirectory:
             entry.owner_released = True
         elif entry.borrowers:
             entry.borrowers.discard(conn)
-        self.maybe_free(object_id)
+        if entry.ready and not entry.held:
+            self._free(object_id, entry)
 
     def escape(self, object_id):
         entry = self.entries.get(object_id)
@@ -411,7 +412,7 @@ class ObjectDirectory:
         """Delete an object nobody holds; then whatever only it contained."""
         entry = self.entries.get(object_id)
         if entry is not None and entry.ready and not entry.held:
-            self.maybe_free_all((object_id,))
+            self._free(object_id, entry)
 
     def maybe_free_all(self, object_ids):
         pending = list(object_ids)
@@ -420,17 +421,29 @@ class ObjectDirectory:
             entry = self.entries.get(object_id)
             if entry is None or not entry.ready or entry.held:
                 continue                    # (not ready: freed when its value arrives)
-            del self.entries[object_id]
-            if entry.kind == IN_STORE:
-                entry.pin = None
-                self._delete_from_store(object_id)
-            # Another node keeps its primary copy for us, or lends it to us.
-            for peer in (entry.primary_peer, entry.owner_peer):
-                if peer is not None and not peer.closed:
-                    peer.send(("free", [object_id]))
-            pending.extend(self._release_contents(entry))
-            for listener in self.freed_listeners:
-                listener(object_id, entry)
+            pending.extend(self._delete_entry(object_id, entry))
+
+    def _free(self, object_id, entry):
+        """Delete a ready entry nobody holds, then what only it contained
+        (a worklist, not recursion: refs can nest deeply)."""
+        inner_ids = self._delete_entry(object_id, entry)
+        if inner_ids:
+            self.maybe_free_all(inner_ids)
+
+    def _delete_entry(self, object_id, entry):
+        """Delete an entry; return the ids of the refs its value contained."""
+        del self.entries[object_id]
+        if entry.kind == IN_STORE:
+            entry.pin = None
+            self._delete_from_store(object_id)
+        # Another node keeps its primary copy for us, or lends it to us.
+        for peer in (entry.primary_peer, entry.owner_peer):
+            if peer is not None and not peer.closed:
+                peer.send(("free", [object_id]))
+        inner_ids = self._release_contents(entry) if entry.contains else ()
+        for listener in self.freed_listeners:
+            listener(object_id, entry)
+        return inner_ids
 
     def _delete_from_store(self, object_id):
         try:

@@ -141,7 +141,7 @@ class NodeManager:
         self.objects.pull = self.pull_object
         # Off the event loop; it asks (from its thread) which objects are still
         # held, to keep the lineage they may need.
-        self.lineage = LineageLog(node_id, lambda object_id: object_id in self.objects.entries)
+        self.lineage = LineageLog(node_id, self.objects.entries.__contains__)
         self.dispatcher = Dispatcher(resources, self.pool, self.objects,
                                      num_workers or max(1, int(resources.get("CPU", 1))),
                                      self.batcher, gpu_ids)
