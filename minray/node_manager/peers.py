@@ -84,6 +84,7 @@ class Peer:
                 await asyncio.sleep(RECONNECT_DELAY_S)
                 continue
             link.send(("hello", "node", self.table.hello_info))
+            link._flush()             # alone in the first frame, which must be small
             self.link = link
             self.connecting = False
             pending, self.pending = self.pending, []
