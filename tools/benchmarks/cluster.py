@@ -31,6 +31,17 @@ SCALING_NODES = [int(n) for n in os.environ.get("MINRAY_BENCH_NODES", "1,2").spl
 STORE_BYTES = 2600 * MB
 
 
+def _node_ip(number):
+    """127.0.0.<number>, where this machine's loopback takes it (some
+    sandboxes have only 127.0.0.1: then every node uses that, on its own port)."""
+    address = f"127.0.0.{number}"
+    try:
+        socket.create_server((address, 0)).close()
+        return address
+    except OSError:
+        return "127.0.0.1"
+
+
 @contextlib.contextmanager
 def _cluster(nodes, cpus, integrity=False, store=STORE_BYTES):
     """A head on 127.0.0.1 and nodes-1 more on 127.0.0.2, ...; the driver on
@@ -45,7 +56,7 @@ def _cluster(nodes, cpus, integrity=False, store=STORE_BYTES):
     try:
         for number in range(2, nodes + 1):
             cluster.add_node(num_cpus=cpus, object_store_memory=store,
-                             resources={f"node{number}": 1}, node_ip_address=f"127.0.0.{number}")
+                             resources={f"node{number}": 1}, node_ip_address=_node_ip(number))
         cluster.wait_for_nodes()
         minray.init(address=cluster.address)
         yield minray
@@ -73,7 +84,7 @@ def _raw_tcp_gbps(size, repeats):
     port = listener.getsockname()[1]
     best = 0.0
     for _ in range(repeats):
-        sender = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0))
+        sender = socket.create_connection(("127.0.0.1", port), source_address=(_node_ip(2), 0))
         receiver, _ = listener.accept()
         target = bytearray(size)
         thread = threading.Thread(target=sender.sendall, args=(memoryview(payload),))
