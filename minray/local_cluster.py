@@ -206,15 +206,20 @@ def _point_latest(session_dir):
 def find_node_socket(address):
     """(session dir, node manager socket) of a running cluster on this machine.
 
-    `address` is "auto" (the latest session), a session directory, or the
-    control store's "host:port".
+    `address` is "auto" (the latest session), a session directory, or a
+    "host:port": a node manager's (that node, if it runs here, else any node
+    of its cluster on this machine) or the control store's.
     """
     if address == "auto":
         session_dir = latest_session()
     elif os.path.isdir(address):
         session_dir = address
     else:
-        session_dir = _session_of_gcs(address)
+        from minray.node_launcher import find_local_node, parse_address
+        if os.sep in address:
+            raise ConnectionError(f"no minray session directory at {address}")
+        parse_address(address)          # ValueError saying what an address looks like
+        session_dir = find_local_node(address) or _session_of_gcs(address)
     if not os.path.isdir(session_dir):
         raise ConnectionError(
             f"no minray node is running for {address!r} (its session {session_dir} is gone); "
@@ -261,4 +266,7 @@ def _session_of_gcs(address):
                     return os.path.join(SESSION_ROOT, entry)
         except OSError:
             continue
-    raise ConnectionError(f"no minray cluster on this machine has its control store at {address}")
+    raise ConnectionError(
+        f"no node of the minray cluster at {address} runs on this machine (no node listens "
+        "there and no local node belongs to that cluster, nor is its control store there); "
+        f"join this machine first with `minray start --address {address}`")
