@@ -11,6 +11,7 @@ manager starts, so the token never travels on a command line. When ready the
 node manager writes <session>/node.json (its id, TCP address, the head's
 address, pid) and then its ready file.
 """
+import contextlib
 import json
 import os
 import signal
@@ -304,6 +305,23 @@ def stop_node(node, force=False, grace_s=STOP_GRACE_S):
     return was_running
 
 
+def clean_stale_sessions():
+    """Clean up after nodes started here whose node manager is gone (killed,
+    or crashed): their session (the logs stay) and arena. Returns how many."""
+    cleaned = 0
+    for session_dir in local_sessions():
+        if not os.path.exists(os.path.join(session_dir, TOKEN_FILE)):
+            continue
+        launched = _launch_info(session_dir)
+        if launched is None:
+            continue                        # not ours: a driver's embedded cluster
+        info = read_node_info(session_dir) or launched
+        if not _is_node_manager(info.get("pid"), session_dir):
+            _clean_session(session_dir)
+            cleaned += 1
+    return cleaned
+
+
 def _launch_info(session_dir):
     try:
         with open(os.path.join(session_dir, LAUNCH_FILE)) as f:
@@ -369,6 +387,35 @@ def _wait(root, process, timeout):
 def _clean_session(session_dir):
     retire_session_dir(session_dir)
     _remove_arenas(session_dir)
+
+
+@contextlib.contextmanager
+def tool_client(session_dir):
+    """A short-lived connection to the node manager of a local session, for
+    tools (minray status/list, cluster_utils) that are not drivers of the
+    user's: it holds no objects and runs nothing."""
+    from minray import ids
+    from minray.local_cluster import find_node_socket
+    from minray.runtime import core
+    session_dir, socket_path = find_node_socket(session_dir)
+    job_id = os.urandom(ids.JOB_ID_SIZE)
+    client = core.CoreClient(socket_path, read_token(session_dir), "driver",
+                             {"pid": os.getpid(), "job_id": job_id, "tool": True,
+                              "namespace": "_minray_tools", "anonymous_namespace": True,
+                              "code_paths": []},
+                             root_task_id=ids.driver_task_id(job_id))
+    try:
+        if not client.wait_until(lambda: client.welcome is not None, 30.0):
+            raise RaySystemError(f"the node manager of {session_dir} did not answer within 30 s")
+        yield client
+    finally:
+        client.close()
+
+
+def query_node(session_dir, what, timeout=30.0):
+    """One info request to the node manager of a local session."""
+    with tool_client(session_dir) as client:
+        return client.request_info(what, timeout)
 
 
 def read_token_file(path):

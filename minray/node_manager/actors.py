@@ -466,12 +466,28 @@ class ActorManager:
     def query(self, what):
         """Answers to ("info", ...) requests about actors:
         ("actor", namespace, name) -> (actor_id, class_name, methods) or None;
-        ("namespace", job_id) -> (namespace, anonymous) or None."""
+        ("namespace", job_id) -> (namespace, anonymous) or None;
+        ("actor", namespace or None) -> the live named actors (of every
+        namespace for None) as rows for `minray list names`."""
         if what[0] == "actor" and len(what) == 3:
             return self.lookup(what[1], what[2])
+        if what[0] == "actor" and len(what) == 2:
+            return self.named_rows(what[1])
         if what[0] == "namespace" and len(what) == 2:
             return self.job_namespaces.get(what[1])
         raise ValueError(f"unknown actor query {what!r:.80}")
+
+    def named_rows(self, namespace=None):
+        rows = []
+        for (actor_namespace, name), actor_id in self.names.items():
+            actor = self.actors.get(actor_id)
+            if actor is None or actor.state == DEAD:
+                continue
+            if namespace is None or actor_namespace == namespace:
+                rows.append({"name": name, "namespace": actor_namespace,
+                             "class_name": actor.spec["class_name"], "state": actor.state,
+                             "actor_id": actor_id.hex(), "detached": actor.spec["detached"]})
+        return rows
 
     def _record(self, actor):
         spec = actor.spec
