@@ -223,13 +223,13 @@ def find_node_socket(address):
     if not os.path.isdir(session_dir):
         raise ConnectionError(
             f"no minray node is running for {address!r} (its session {session_dir} is gone); "
-            "start one with minray.init() in another process first")
+            "start one with `minray start --head`, or minray.init() in another process, first")
     check_private(session_dir, "session directory")
     socket_path = node_socket_path(session_dir)
     if not os.path.exists(socket_path):
         raise ConnectionError(
             f"no minray node is running for {address!r} (no socket at {socket_path}); "
-            "start one with minray.init() in another process first")
+            "start one with `minray start --head`, or minray.init() in another process, first")
     return session_dir, socket_path
 
 
@@ -239,7 +239,7 @@ def latest_session():
     if not os.path.lexists(LATEST_LINK):
         raise ConnectionError(
             f"no minray node is running for 'auto' (no {LATEST_LINK}); "
-            "start one with minray.init() in another process first")
+            "start one with `minray start --head`, or minray.init() in another process, first")
     check_private(SESSION_ROOT, "session root")
     link = os.lstat(LATEST_LINK)
     if not os.path.islink(LATEST_LINK) or link.st_uid != os.getuid():

@@ -135,16 +135,20 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
         "--node-ip-address", node_ip_address, "--port", port,
         "--ready-file", ready, "--no-log-to-driver")
     if head:
-        argv += ["--head", "--num-gcs-shards", config.num_gcs_shards]
+        argv += ["--head", "--num-gcs-shards", str(config.num_gcs_shards)]
     else:
         argv += ["--head-address", head_address]
     env = startup_env(log_path)
     env.pop(TOKEN_ENV, None)        # it is in the session's token file
-    with open(os.path.join(logs, "node_manager.out"), "ab") as out:
-        # Its own process session: the terminal that ran `minray start` may
-        # close, and Ctrl-C there must not reach the node.
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                   start_new_session=True, env=env, close_fds=True)
+    try:
+        with open(os.path.join(logs, "node_manager.out"), "ab") as out:
+            # Its own process session: the terminal that ran `minray start`
+            # may close, and Ctrl-C there must not reach the node.
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                       start_new_session=True, env=env, close_fds=True)
+    except BaseException:
+        _clean_session(session_dir)
+        raise
     _write_json(os.path.join(session_dir, LAUNCH_FILE),
                 {"pid": process.pid, "head": bool(head), "head_address": head_address})
     deadline = time.monotonic() + timeout
@@ -157,6 +161,12 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
         time.sleep(0.01)
     with open(ready) as f:
         socket_path = f.read().strip()
+    # node.json is written before the ready file; this wait only covers a
+    # node manager that wrote them in the other order.
+    info_path = os.path.join(session_dir, NODE_INFO_FILE)
+    while not os.path.exists(info_path) and process.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
     node = _node_from_session(session_dir, socket_path, process.pid)
     node.process = process if keep_process else None
     if head or not _latest_is_live(node.head_address):
