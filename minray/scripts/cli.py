@@ -21,6 +21,7 @@ from minray.session import SESSION_ROOT
 LATEST_SESSION = os.path.join(SESSION_ROOT, "session_latest")
 LIST_TABLES = ("tasks", "actors", "objects", "nodes", "jobs", "names", "errors")
 ID_WIDTH = 16                   # hex digits of an id shown in tables
+CONTROL_STORE_WAIT_S = 30.0     # a head just started brings its control store up
 
 
 class CommandError(Exception):
@@ -236,11 +237,35 @@ def cmd_list(args):
 def _gcs_rows(session_dir, table, limit):
     from minray import state
     from minray.gcs import GcsClient
-    client = GcsClient.from_session(session_dir, reconnect_timeout=5.0)
+    client = GcsClient.from_session(_control_store_session(session_dir), reconnect_timeout=5.0)
     try:
         return state.rows(table, client, limit=limit)
     finally:
         client.close()
+
+
+def _control_store_session(session_dir):
+    """A session that knows where the cluster's control store listens: this
+    node's once the head has started it (the head serves before its control
+    store is up), else the head's, when the head runs on this machine."""
+    from minray.gcs.supervisor import shard_map_file
+    from minray.node_launcher import find_local_node, read_node_info
+    info = read_node_info(session_dir) or {}
+    sessions = [session_dir]
+    if not info.get("is_head", True) and info.get("head_address"):
+        head_session = find_local_node(info["head_address"])
+        if head_session:
+            sessions.append(head_session)
+    deadline = time.monotonic() + CONTROL_STORE_WAIT_S
+    while True:
+        for session in sessions:
+            if os.path.exists(shard_map_file(session)):
+                return session
+        if time.monotonic() > deadline:
+            raise CommandError(
+                f"the cluster's control store is not known in {session_dir}; run this command "
+                "on the head's machine")
+        time.sleep(0.02)
 
 
 def _list_tasks(client, session_dir, limit):
@@ -298,7 +323,7 @@ def _list_names(client, session_dir, limit):
 def _list_errors(client, session_dir, limit):
     records = {row["id"]: row for row in _gcs_rows(session_dir, "errors", limit)}
     for key, record in client.request_info("errors") or []:
-        records[key.hex()] = dict(record, id=key.hex())
+        records[key] = dict(record, id=key)
     rows = sorted(records.values(), key=lambda r: r.get("time") or 0)
     return [{"time": _time(r.get("time")), "type": r.get("type"),
              "function": r.get("function") or "", "task": _short(r.get("task_id")),
@@ -336,11 +361,17 @@ def _size(nbytes):
 
 
 def _first_line(text):
+    """The line of a message a reader wants: for a traceback, the exception's
+    first line ("ValueError: ..."), else the message's first line."""
     if not text:
         return ""
-    lines = [line for line in str(text).splitlines() if line.strip()]
-    return lines[-1].strip() if lines and lines[0].startswith("Traceback") else (
-        lines[0].strip() if lines else "")
+    lines = str(text).splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last)"):
+            for after in lines[index + 1:]:
+                if after.strip() and not after.startswith((" ", "\t")):
+                    return after.strip()
+    return next((line.strip() for line in lines if line.strip()), "")
 
 
 def _readable(row):
