@@ -133,12 +133,14 @@ class Cluster:
         return _alive(query_node(self.head_node.session_dir, "nodes"))
 
     def shutdown(self):
-        """Disconnect the driver this cluster connected, stop every node
-        (other nodes first, the head last) and clean up their arenas and
-        sessions."""
-        if self._connected:
-            import minray
-            minray.shutdown()
+        """Disconnect this process's driver if it is connected to one of the
+        nodes, stop every node (other nodes first, the head last) and clean
+        up their arenas and sessions."""
+        from minray import api
+        sessions = {node.session_dir for node in self.list_all_nodes()}
+        if self._connected or api._State.session_dir in sessions:
+            # A driver of ours would otherwise watch its node vanish under it.
+            api.shutdown()
             self._connected = False
         for node in reversed(self.worker_nodes):
             stop_node(node)
