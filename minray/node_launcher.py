@@ -153,11 +153,12 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
                 {"pid": process.pid, "head": bool(head), "head_address": head_address})
     deadline = time.monotonic() + timeout
     while not os.path.exists(ready):
-        exited = process.poll() is not None
-        if exited or time.monotonic() > deadline:
+        exit_code = process.poll()
+        if exit_code is not None or time.monotonic() > deadline:
             _stop_tree(process.pid, force=True, process=process)
             _clean_session(session_dir)
-            raise NodeStartError(_start_failure(head, head_address, process, timeout, log_path))
+            raise NodeStartError(_start_failure(head, head_address, exit_code, timeout,
+                                                log_path))
         time.sleep(0.01)
     with open(ready) as f:
         socket_path = f.read().strip()
@@ -174,9 +175,10 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
     return node
 
 
-def _start_failure(head, head_address, process, timeout, log_path):
+def _start_failure(head, head_address, code, timeout, log_path):
+    """What went wrong, for a node manager that exited with `code` (None: it
+    was killed here after `timeout` seconds without getting ready)."""
     tail = log_tail(log_path)
-    code = process.returncode
     if not head and code == JOIN_REFUSED_EXIT:
         reason = next((line for line in reversed(tail.splitlines())
                        if "cannot join the cluster at" in line), None)
