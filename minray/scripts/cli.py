@@ -175,7 +175,7 @@ def cmd_status(args):
     used_store = sum(n.get("store_used") or 0 for n in alive)
     capacity = sum(n.get("store_capacity") or 0 for n in alive)
     print(f"  {'object store':<12} {_size(used_store)} / {_size(capacity)}")
-    pending = sum(n.get("pending") or 0 for n in alive)
+    pending = sum(_pending(n) or 0 for n in alive)
     running = sum(n.get("running") or 0 for n in alive)
     print(f"Tasks: {pending} pending, {running} running")
 
@@ -211,7 +211,13 @@ def _node_status_row(node):
     return {"node": _short(node.get("node_id")) + (" (head)" if node.get("is_head") else ""),
             "address": node.get("address") or "", "state": "ALIVE" if node.get("alive")
             else "DEAD", "resources used/total": used, "object store": store,
-            "pending": node.get("pending", ""), "running": node.get("running", "")}
+            "pending": _pending(node), "running": node.get("running", "")}
+
+
+def _pending(node):
+    # The interface names it "pending"; a node manager may call its queue "ready".
+    pending = node.get("pending")
+    return node.get("ready", "") if pending is None else pending
 
 
 def _resource_order(name):
