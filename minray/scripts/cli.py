@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+from minray.exceptions import RaySystemError
 from minray.session import SESSION_ROOT
 
 LATEST_SESSION = os.path.join(SESSION_ROOT, "session_latest")
@@ -274,8 +275,25 @@ def _control_store_session(session_dir):
         time.sleep(0.02)
 
 
+def _live_rows(client, session_dir, what):
+    """Rows a node manager holds in memory ("tasks", "objects") from this node
+    and every other node of the same cluster running on this machine (a node
+    answers for itself only; nodes on other machines are not reachable here)."""
+    from minray.node_launcher import local_nodes, query_node, read_node_info
+    rows = list(client.request_info(what) or [])
+    head_address = (read_node_info(session_dir) or {}).get("head_address")
+    if head_address:
+        for node in local_nodes():
+            if node.head_address == head_address and node.session_dir != session_dir:
+                try:
+                    rows.extend(query_node(node.session_dir, what) or [])
+                except (OSError, ConnectionError, RaySystemError):
+                    continue            # it stopped while we asked: nothing live there
+    return rows
+
+
 def _list_tasks(client, session_dir, limit):
-    live = client.request_info("tasks") or []
+    live = _live_rows(client, session_dir, "tasks")
     rows = [{"id": _short(t["id"]), "name": t.get("name"), "state": t.get("state"),
              "node": _short(t.get("node")), "ended": ""} for t in live]
     seen = {t["id"] for t in live}
@@ -297,7 +315,7 @@ def _list_actors(client, session_dir, limit):
 
 
 def _list_objects(client, session_dir, limit):
-    live = client.request_info("objects") or []
+    live = _live_rows(client, session_dir, "objects")
     rows = [{"id": _short(o["id"]), "kind": o.get("kind"), "size": _size(o.get("size")),
              "node": _short(o.get("node")), "made by task": ""} for o in live]
     seen = {o["id"] for o in live}
