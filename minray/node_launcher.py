@@ -152,14 +152,17 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
     _write_json(os.path.join(session_dir, LAUNCH_FILE),
                 {"pid": process.pid, "head": bool(head), "head_address": head_address})
     deadline = time.monotonic() + timeout
-    while not os.path.exists(ready):
-        exit_code = process.poll()
-        if exit_code is not None or time.monotonic() > deadline:
-            _stop_tree(process.pid, force=True, process=process)
-            _clean_session(session_dir)
-            raise NodeStartError(_start_failure(head, head_address, exit_code, timeout,
-                                                log_path))
-        time.sleep(0.01)
+    try:
+        while not os.path.exists(ready):
+            exit_code = process.poll()
+            if exit_code is not None or time.monotonic() > deadline:
+                raise NodeStartError(_start_failure(head, head_address, exit_code, timeout,
+                                                    log_path))
+            time.sleep(0.01)
+    except BaseException:               # failed, or Ctrl-C while waiting: leave nothing
+        _stop_tree(process.pid, force=True, process=process)
+        _clean_session(session_dir)
+        raise
     with open(ready) as f:
         socket_path = f.read().strip()
     # node.json is written before the ready file; this wait only covers a
@@ -180,10 +183,11 @@ def _start_failure(head, head_address, code, timeout, log_path):
     was killed here after `timeout` seconds without getting ready)."""
     tail = log_tail(log_path)
     if not head and code == JOIN_REFUSED_EXIT:
-        reason = next((line for line in reversed(tail.splitlines())
-                       if "cannot join the cluster at" in line), None)
-        if reason is not None:
-            reason = reason[reason.index("cannot join"):]
+        marker = "cannot join the cluster at "
+        line = next((line for line in reversed(tail.splitlines()) if marker in line), None)
+        if line is not None:
+            # "... cannot join the cluster at HOST:PORT: <reason>" -> <reason>
+            reason = line[line.index(marker) + len(marker):].split(": ", 1)[-1].strip()
             return (f"the node could not join the minray cluster at {head_address}: {reason}. "
                     "Check the address (the head prints it at `minray start --head`) and "
                     "the token (--token-file or MINRAY_TOKEN must hold the head's token). "
