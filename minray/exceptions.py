@@ -81,6 +81,14 @@ class ObjectLostError(RayError):
     """An object was lost (evicted or its node died) and cannot be recomputed."""
 
 
+class NodeDiedError(RayError):
+    """The node a task ran on (or an object was kept on) died."""
+
+
+class OwnerDiedError(ObjectLostError):
+    """The node that owned an object died, so its value can't be known."""
+
+
 class TaskCancelledError(RayError):
     """The task was cancelled with minray.cancel (before or while it ran)."""
 

@@ -9,15 +9,17 @@ message is read.
 """
 from typing import NamedTuple
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 # How a value travels: inline (its bytes in messages), in the node's store,
 # or an error (inline bytes of a pickled exception). ACTOR_HANDLES is no
 # value: the directory entry (minray.ids.actor_handle_id) whose holders keep
 # an actor alive, counted like any object's.
-INLINE, IN_STORE, ERROR, ACTOR_HANDLES = "v", "s", "e", "h"
+# LOCATED (between node managers only): the value is in the store of other
+# nodes; its payload is (size, [addresses of nodes holding a copy]).
+INLINE, IN_STORE, ERROR, ACTOR_HANDLES, LOCATED = "v", "s", "e", "h", "l"
 KIND_NAMES = {INLINE: "inline", IN_STORE: "store", ERROR: "error",
-              ACTOR_HANDLES: "actor handles", None: "pending"}
+              ACTOR_HANDLES: "actor handles", LOCATED: "remote", None: "pending"}
 
 
 class TaskSpec(NamedTuple):
@@ -104,6 +106,26 @@ TO_NODE_MANAGER = {
     # Answered ("info", request_id, None), or with a str saying why it can't be.
     "cancel": ("request_id", "object_id", "force", "recursive"),
 }
+
+# Node manager -> node manager (accepted only on links of role "node";
+# "sub", "borrow" and "free" above are also sent between nodes: a peer
+# node waits for, borrows and frees objects as a local process does).
+TO_NODE_MANAGER_FROM_PEERS = {
+    "joined": ("info",),                        # head -> joining node: accepted
+    "refused": ("reason",),                     # head -> joining node: not accepted, why
+    "heartbeat": ("load",),                     # node -> head, every HEARTBEAT_INTERVAL_S
+    "nodes": ("rows",),                         # head -> nodes: the cluster view
+    # A value for an object the receiver waits for, owns or borrows; refs
+    # inside it come as [(object_id, owner node address)].
+    "value": ("object_id", "kind", "meta", "payload", "contained_owners"),
+    # Run this task here; its results belong to the node at owner_address.
+    # arg_owners: {object_id: owner node address} of its ref arguments and
+    # of the refs inside its inline arguments.
+    "run": ("spec", "arg_owners", "owner_address"),
+    "finished": ("task_id", "state"),           # a task run for the receiver ended
+}
+PEER_ONLY = frozenset(TO_NODE_MANAGER_FROM_PEERS)
+TO_NODE_MANAGER.update(TO_NODE_MANAGER_FROM_PEERS)
 
 # Node manager -> client: name -> fields.
 TO_CLIENT = {

@@ -53,7 +53,7 @@ LARGE_MAX_FRAME = MAX_FRAME      # a listed kind that can legitimately be large
 # 100 KB each), and lists of ids (a get or free of millions of refs).
 NODE_MANAGER_MAX_FRAME = dict.fromkeys(
     ("fn", "actor_create", "submit", "actor_call", "done", "put",
-     "sub", "borrow", "free", "escape"), LARGE_MAX_FRAME)
+     "sub", "borrow", "free", "escape", "value", "run", "nodes"), LARGE_MAX_FRAME)
 
 
 def _env_bytes(name, default):

@@ -9,7 +9,7 @@ import logging
 import os
 
 from minray.gcs import GcsClient, GcsProcesses
-from minray.node_manager.server import run_node_manager
+from minray.node_manager.server import JoinError, run_node_manager
 from minray.session import read_token, retire_session_dir
 
 LOG_FLUSH_DELAY_S = 0.05
@@ -31,7 +31,15 @@ def main(argv=None):
     parser.add_argument("--ready-file")
     parser.add_argument("--no-log-to-driver", action="store_true",
                         help="workers write to log files instead of this terminal")
+    parser.add_argument("--node-ip-address", default="127.0.0.1",
+                        help="the address other nodes reach this one at")
+    parser.add_argument("--port", type=int, default=0,
+                        help="TCP port for other node managers (0: any free port)")
+    parser.add_argument("--head-address",
+                        help="HOST:PORT of the head node manager to join (not with --head)")
     args = parser.parse_args(argv)
+    if args.head == bool(args.head_address):
+        parser.error("give exactly one of --head and --head-address")
     # Our own log goes to the session; the terminal is the workers' (and the
     # driver's), so users see their prints, not our bookkeeping.
     logs = os.path.join(args.session_dir, "logs")
@@ -45,18 +53,15 @@ def main(argv=None):
     if gpu_ids is not None and len(gpu_ids) != int(resources.get("GPU", 0)):
         parser.error(f"--gpu-ids lists {len(gpu_ids)} GPUs but the resources say "
                      f"{resources.get('GPU', 0)}")
-    gcs_processes = GcsProcesses(args.session_dir, args.num_gcs_shards) if args.head else None
+    gcs_processes = (GcsProcesses(args.session_dir, args.num_gcs_shards,
+                                  host=args.node_ip_address) if args.head else None)
 
     def connect_gcs():
         if gcs_processes is not None:
             gcs_processes.start()
         # The task log is background work: gathering it for 50 ms makes big
         # batches and keeps the control store from waking once per task.
-        gcs = GcsClient.from_session(args.session_dir, flush_delay=LOG_FLUSH_DELAY_S)
-        gcs.put("nodes", node_id, {"host": "127.0.0.1", "resources": resources,
-                                   "state": "ALIVE", "pid": os.getpid(),
-                                   "session_dir": args.session_dir})
-        return gcs
+        return GcsClient.from_session(args.session_dir, flush_delay=LOG_FLUSH_DELAY_S)
 
     profile_path = os.environ.get("MINRAY_PROFILE_NODE_MANAGER")
     if profile_path:                  # developer aid: cProfile the whole run
@@ -67,7 +72,11 @@ def main(argv=None):
         run_node_manager(args.session_dir, node_id, resources, args.object_store_memory,
                          token, connect_gcs, args.num_workers, args.embedded, args.ready_file,
                          args.parent_pid, log_to_driver=not args.no_log_to_driver,
-                         gpu_ids=gpu_ids)
+                         gpu_ids=gpu_ids, node_ip=args.node_ip_address, port=args.port,
+                         head_address=args.head_address)
+    except JoinError as exc:
+        logging.getLogger("minray.node_manager").error("%s", exc)
+        raise SystemExit(2)
     finally:
         if profile_path:
             profiler.disable()

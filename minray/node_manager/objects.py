@@ -22,6 +22,16 @@ A ref serialized outside minray's own serialization (a user pickling it into
 a file) "escapes": nobody can count such copies, so the object is kept until
 the cluster stops.
 
+Across nodes (minray.node_manager.peers), a remote node manager is one more
+process in these roles: it owns the results of tasks it sent here, borrows
+and waits for objects owned here. An object whose value is in another
+node's store is LOCATED here (its data: the addresses holding a copy) until
+something on this node needs it; then it is pulled into the local store
+(minray.node_manager.transfer) and becomes IN_STORE. An object owned
+elsewhere has an entry with `owner_peer` (we borrow it from that node);
+one whose primary copy another node keeps for us has `primary_peer` (told
+when we free it).
+
 Actor handles are counted by the same rules: each actor has an entry of kind
 ACTOR_HANDLES (minray.ids.actor_handle_id) that every handle refers to, and
 the actor manager hears (freed_listeners) when nothing holds it any more.
@@ -29,7 +39,7 @@ the actor manager hears (freed_listeners) when nothing holds it any more.
 import logging
 
 from minray.exceptions import FailedArgument, ObjectLostError
-from minray.protocol import ACTOR_HANDLES, ERROR, IN_STORE, INLINE, KIND_NAMES
+from minray.protocol import ACTOR_HANDLES, ERROR, IN_STORE, INLINE, KIND_NAMES, LOCATED
 from minray.serialization import serialize
 
 log = logging.getLogger("minray.node_manager")
@@ -52,7 +62,7 @@ def failed_argument_object(function_name, meta, data, actor_class=None):
 class ObjectEntry:
     __slots__ = ("kind", "meta", "data", "size", "pin", "owner", "owner_released",
                  "task_refs", "borrowers", "contains", "containers", "escaped",
-                 "subscribers", "ready")
+                 "subscribers", "ready", "owner_peer", "primary_peer")
 
     def __init__(self, owner=None):
         self.kind = None
@@ -69,6 +79,8 @@ class ObjectEntry:
         self.escaped = False
         self.subscribers = None   # connections waiting to hear it is ready
         self.ready = False
+        self.owner_peer = None    # the node that owns it, if not this one
+        self.primary_peer = None  # the node keeping its primary copy for us
 
     def message(self, object_id):
         """The ("obj", ...) message announcing this object to a process."""
@@ -89,11 +101,15 @@ class ObjectDirectory:
     the same way when an entry is freed because nothing holds it.
     """
 
-    def __init__(self, store):
+    def __init__(self, store, address=None):
         self.store = store
+        self.address = address     # this node's "ip:port"
         self.entries = {}
         self.ready_listeners = []
         self.freed_listeners = []
+        # Set by the node manager: pull(object_id, entry) fetches a LOCATED
+        # object into the local store (then set_ready(IN_STORE) + announce).
+        self.pull = None
 
     def __len__(self):
         return len(self.entries)
@@ -115,7 +131,7 @@ class ObjectDirectory:
             entry.owner = owner
             entry.owner_released = False
             if entry.ready and not owner.closed:
-                owner.send(entry.message(object_id))
+                self.send_value(owner, object_id, entry)
         return entry
 
     def set_ready(self, object_id, kind, meta, payload, owner=None, contained=()):
@@ -142,6 +158,9 @@ class ObjectDirectory:
                 entry.pin = self.store.adopt_primary(object_id)
             except KeyError:
                 entry.pin = None       # evicted already: readers will see it lost
+        elif kind == LOCATED:
+            entry.size, entry.data = payload[0], list(payload[1])
+            entry.pin = None
         else:
             entry.data = payload
             entry.size = len(payload)
@@ -173,19 +192,145 @@ class ObjectDirectory:
         entry = self.entries.get(object_id)
         if entry is None:
             return
+        if entry.kind == LOCATED:
+            self._announce_located(object_id, entry)
+            return
         message = None
-        if entry.owner is not None and not entry.owner_released and not entry.owner.closed:
-            message = entry.message(object_id)
-            entry.owner.send(message)
+        owner = entry.owner
+        if owner is not None and not entry.owner_released and not owner.closed:
+            if owner.role == "node":
+                self.send_value(owner, object_id, entry)
+            else:
+                message = entry.message(object_id)
+                owner.send(message)
         if entry.subscribers:
-            message = message or entry.message(object_id)
             for conn in entry.subscribers:
-                if conn is not entry.owner:
+                if conn is entry.owner:
+                    continue
+                if conn.role == "node":
+                    self.send_value(conn, object_id, entry)
+                else:
+                    message = message or entry.message(object_id)
                     conn.send(message)
             entry.subscribers = None
         for listener in self.ready_listeners:
             listener(object_id, entry)
         self.maybe_free(object_id)
+
+    def _announce_located(self, object_id, entry):
+        """A value in other nodes' stores: peers hear where it is; if anything
+        on this node wants it (its owner here, a waiting process or task), it
+        is pulled here and announced again once it is local."""
+        local_interest = entry.task_refs > 0
+        owner = entry.owner
+        if owner is not None and not entry.owner_released and not owner.closed:
+            if owner.role == "node":
+                self.send_value(owner, object_id, entry)
+            else:
+                local_interest = True
+        if entry.subscribers:
+            for conn in list(entry.subscribers):
+                if conn.role == "node":
+                    self.send_value(conn, object_id, entry)
+                    entry.subscribers.discard(conn)
+                else:
+                    local_interest = True
+            if not entry.subscribers:
+                entry.subscribers = None
+        if local_interest and self.pull is not None:
+            self.pull(object_id, entry)
+        self.maybe_free(object_id)
+
+    def send_value(self, peer, object_id, entry):
+        """Tell another node an object's value: inline bytes, an error, or
+        where it is stored (this node, or the nodes it is located on)."""
+        if entry.kind == IN_STORE:
+            kind, payload = LOCATED, (entry.size, [self.address])
+        else:
+            kind, payload = entry.kind, entry.data
+            if kind == LOCATED:
+                payload = (entry.size, entry.data)
+        contained = [(inner, self.owner_address(inner)) for inner in entry.contains or ()]
+        peer.send(("value", object_id, kind, entry.meta, payload, contained))
+
+    def owner_address(self, object_id):
+        """The address of the node that owns an object (this one if we own
+        it or do not know it)."""
+        entry = self.entries.get(object_id)
+        if entry is None:
+            return self.address
+        if entry.owner_peer is not None:
+            return entry.owner_peer.address
+        owner = entry.owner
+        if owner is not None and owner.role == "node":
+            return owner.address
+        return self.address
+
+    def add_foreign(self, object_id, owner_peer):
+        """An entry for an object another node owns, which something here
+        needs: we borrow it from its owner and wait for its value."""
+        entry = self.entries.get(object_id)
+        if entry is not None:
+            return entry
+        entry = self.entries[object_id] = ObjectEntry()
+        entry.owner_released = True          # not ours: held only by what uses it here
+        entry.owner_peer = owner_peer
+        owner_peer.send(("borrow", [object_id]))
+        owner_peer.send(("sub", [object_id]))
+        return entry
+
+    def on_peer_value(self, peer, object_id, kind, meta, payload, contained_owners, peers):
+        """A node told us an object's value (one we wait for, own or borrow)."""
+        entry = self.entries.get(object_id)
+        if entry is None:
+            if kind == LOCATED and payload[1] and peer.address in payload[1]:
+                peer.send(("free", [object_id]))     # nobody here wants it any more
+            return
+        if entry.ready and entry.kind != LOCATED and kind == LOCATED:
+            return                            # we have it already (pulled before)
+        for inner_id, owner_address in contained_owners:
+            if inner_id not in self.entries and owner_address != self.address:
+                self.add_foreign(inner_id, peers.get(owner_address))
+        if kind == LOCATED and entry.owner_peer is None and peer.address in payload[1]:
+            entry.primary_peer = peer        # it keeps the primary copy for us
+        self.set_ready(object_id, kind, meta, payload,
+                       contained=[inner for inner, _ in contained_owners])
+        self.announce(object_id)
+
+    def pulled(self, object_id, error=None):
+        """A pull of a LOCATED object ended: it is in the local store now
+        (sealed with a primary pin, adopted here), or `error` says why not."""
+        entry = self.entries.get(object_id)
+        if entry is None or entry.kind != LOCATED:
+            if error is None and (entry is None or entry.kind != IN_STORE):
+                self._delete_from_store(object_id)      # nobody wants it any more
+            return
+        if error is not None:
+            entry.kind = ERROR
+            entry.meta, entry.data = error_object(ObjectLostError(
+                f"object {object_id.hex()} could not be fetched from another node: {error}"))
+            entry.size = len(entry.data)
+        else:
+            entry.kind = IN_STORE
+            entry.data = None
+            try:
+                entry.pin = self.store.adopt_primary(object_id)
+            except KeyError:
+                entry.pin = None
+        self.announce(object_id)
+
+    def located_on(self, address):
+        """Entries whose only known copy is on the node at `address`, or
+        owned by it: what its death loses."""
+        for object_id, entry in self.entries.items():
+            if entry.owner_peer is not None and entry.owner_peer.address == address \
+                    and not entry.ready:
+                yield object_id, entry
+            elif entry.kind == LOCATED and entry.data == [address]:
+                yield object_id, entry
+            elif entry.primary_peer is not None and entry.primary_peer.address == address \
+                    and entry.kind == LOCATED:
+                yield object_id, entry
 
     def subscribe(self, conn, object_id):
         entry = self.entries.get(object_id)
@@ -193,9 +338,21 @@ class ObjectDirectory:
             meta, data = error_object(ObjectLostError(
                 f"object {object_id.hex()} is not known to this node: it was freed "
                 "(all its references were dropped) or never existed"))
-            conn.send(("obj", object_id, ERROR, meta, data))
-        elif entry.ready:
-            conn.send(entry.message(object_id))
+            if conn.role == "node":
+                conn.send(("value", object_id, ERROR, meta, data, []))
+            else:
+                conn.send(("obj", object_id, ERROR, meta, data))
+        elif entry.ready and (entry.kind != LOCATED or conn.role == "node"):
+            if conn.role == "node":
+                self.send_value(conn, object_id, entry)
+            else:
+                conn.send(entry.message(object_id))
+        elif entry.kind == LOCATED:            # a local process wants it: pull it here
+            if entry.subscribers is None:
+                entry.subscribers = set()
+            entry.subscribers.add(conn)
+            if self.pull is not None:
+                self.pull(object_id, entry)
         else:
             if entry.subscribers is None:
                 entry.subscribers = set()
@@ -260,6 +417,10 @@ class ObjectDirectory:
             if entry.kind == IN_STORE:
                 entry.pin = None
                 self._delete_from_store(object_id)
+            # Another node keeps its primary copy for us, or lends it to us.
+            for peer in (entry.primary_peer, entry.owner_peer):
+                if peer is not None and not peer.closed:
+                    peer.send(("free", [object_id]))
             pending.extend(self._release_contents(entry))
             for listener in self.freed_listeners:
                 listener(object_id, entry)

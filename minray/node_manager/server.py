@@ -11,28 +11,44 @@ routes each message to the component that handles it:
     actors.py     actors: placement, call order, restarts
     lineage.py    what is recorded in the control store
     workers.py    worker processes
+    peers.py      TCP links to other node managers
+    cluster.py    membership, heartbeats, the global scheduler's choice of node
+    transfer.py   objects pulled from and served to other nodes
 
 A handler's exception is contained to its message: it is logged, a request is
 answered with "failed", and a submission's results become errors; the
 connection and the node go on.
 """
 import asyncio
+import json
 import logging
 import os
 import signal
+import socket
 
-from minray import wire
+from minray import __version__, wire
 from minray.node_manager.actors import ActorManager
+from minray.node_manager.cluster import ClusterView, NodeInfo
 from minray.node_manager.dispatch import Dispatcher
 from minray.node_manager.lineage import LineageLog
 from minray.node_manager.objects import ObjectDirectory
+from minray.node_manager.peers import PeerTable
 from minray.node_manager.tasks import TaskManager
+from minray.node_manager.transfer import Puller, TransferServer
 from minray.node_manager.workers import WorkerPool
 from minray.object_store import SharedStore
 from minray.protocol import (
-    IN_STORE, NODE_MANAGER_MESSAGE_LENGTHS, REQUEST_ID_FIELD, TO_NODE_MANAGER, bad_message,
+    IN_STORE, NODE_MANAGER_MESSAGE_LENGTHS, PEER_ONLY, REQUEST_ID_FIELD, TO_NODE_MANAGER,
+    bad_message,
 )
 from minray.session import node_socket_path
+
+JOIN_TIMEOUT_S = 30.0
+NODE_FILE = "node.json"
+
+
+class JoinError(RuntimeError):
+    """This node could not join the cluster (unreachable head, refused)."""
 
 log = logging.getLogger("minray.node_manager")
 
@@ -48,6 +64,7 @@ class Connection(wire.FramedServerProtocol):
         self.role = None
         self.worker = None
         self.embedded_owner = False
+        self.peer_node = None       # the Peer, on a link with another node manager
 
     def message_received(self, message):
         # (wire.decode gives plain data; a well-formed message is a tuple
@@ -55,16 +72,52 @@ class Connection(wire.FramedServerProtocol):
         if (type(message) is not tuple or not message or type(message[0]) is not str
                 or NODE_MANAGER_MESSAGE_LENGTHS.get(message[0]) != len(message)):
             raise wire.ProtocolError(bad_message(message, TO_NODE_MANAGER))
-        self.manager.handle(self, message)
+        peer = self.peer_node
+        if peer is None:
+            if message[0] in PEER_ONLY:
+                raise wire.ProtocolError(f"{message[0]!r} is a message between node managers")
+            self.manager.handle(self, message)
+        else:
+            self.manager.handle(peer, message)
 
     def lost(self):
         self.manager.connection_lost(self)
 
 
+class OutboundLink(Connection):
+    """A connection this node manager opened to another: the handshake was
+    done as its client (minray.node_manager.peers), so it starts
+    authenticated and expects no hello."""
+
+    def __init__(self, manager, peer):
+        super().__init__(manager)
+        self.role = "node"
+        self.peer_node = peer
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.set_write_buffer_limits(high=wire.OUTPUT_HIGH_WATER, low=wire.OUTPUT_LOW_WATER)
+        self.peer = f"node {self.peer_node.address}"
+        self.is_authenticated = True
+        self.frames_received = 1
+
+    def lost(self):
+        self.peer_node.link_lost(self)
+
+
 class NodeManager:
     def __init__(self, session_dir, node_id, resources, store_capacity, token,
-                 num_workers=None, embedded=False, log_to_driver=True, gpu_ids=None):
+                 num_workers=None, embedded=False, log_to_driver=True, gpu_ids=None,
+                 node_ip="127.0.0.1", port=0, head_address=None):
         self.session_dir = session_dir
+        self.node_ip = node_ip
+        self.port = port
+        self.head_address = head_address      # None on the head
+        self.address = None                   # "ip:port" once listening
+        self.cluster = None
+        self.peers = None
+        self.transfer = None
+        self.puller = None
         self.node_id = node_id
         self.token = token
         self.embedded = embedded
@@ -79,6 +132,7 @@ class NodeManager:
         self.stopping = None
         self.batcher = wire.OutputBatcher()
         self.objects = ObjectDirectory(self.store)
+        self.objects.pull = self.pull_object
         # Off the event loop; it asks (from its thread) which objects are still
         # held, to keep the lineage they may need.
         self.lineage = LineageLog(node_id, lambda object_id: object_id in self.objects.entries)
@@ -100,6 +154,12 @@ class NodeManager:
             "actor_exit": lambda conn: actors.on_exit(conn.worker),
             "actor_kill": lambda conn, actor_id, no_restart: actors.kill(actor_id, no_restart),
             "cancel": self.tasks.cancel,
+            # from other node managers
+            "joined": self.on_joined, "refused": self.on_refused,
+            "heartbeat": lambda peer, load: self.cluster.on_heartbeat(peer, load),
+            "nodes": lambda peer, rows: self.cluster.on_nodes(rows),
+            "value": self.on_peer_value, "run": self.tasks.run_forwarded,
+            "finished": self.tasks.forwarded_finished,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -110,23 +170,85 @@ class NodeManager:
         server = await loop.create_unix_server(lambda: Connection(self), self.socket_path,
                                                backlog=wire.LISTEN_BACKLOG)
         os.chmod(self.socket_path, 0o600)
+        tcp_server = await self._listen_tcp(loop)
         for _ in range(self.dispatcher.num_workers):
             self.pool.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        if ready_path:
-            with open(ready_path + ".tmp", "w") as f:
-                f.write(self.socket_path)
-            os.replace(ready_path + ".tmp", ready_path)
+        heartbeats = self.cluster.start()
+        if self.head_address is not None:
+            await self._join()
         watchdog = asyncio.ensure_future(self._watchdog(parent_pid))
         if connect_gcs is not None:
             # Serve drivers and workers at once: the control store (started in
             # parallel on the head) only receives our log, written by a thread.
             self.lineage.start(connect_gcs)
+        self._write_node_file()
+        if ready_path:
+            with open(ready_path + ".tmp", "w") as f:
+                f.write(self.socket_path)
+            os.replace(ready_path + ".tmp", ready_path)
         await self.stopping.wait()
         watchdog.cancel()
+        heartbeats.cancel()
         server.close()
+        tcp_server.close()
         self.shutdown()
+
+    async def _listen_tcp(self, loop):
+        """Listen for other node managers, and set up what talks to them."""
+        tcp_server = await loop.create_server(lambda: Connection(self), self.node_ip, self.port,
+                                              backlog=wire.LISTEN_BACKLOG)
+        port = tcp_server.sockets[0].getsockname()[1]
+        self.address = f"{self.node_ip}:{port}"
+        self.objects.address = self.address
+        self.transfer = TransferServer(self.store, self.token, self.node_ip)
+        self.transfer.start()
+        self.puller = Puller(self.store, self.token, loop)
+        own = NodeInfo(node_id=self.node_id.hex(), address=self.address,
+                       transfer_address=self.transfer.address,
+                       is_head=self.head_address is None, resources=dict(self.resources),
+                       available=dict(self.resources), ready=0, running=0,
+                       store_used=0, store_capacity=self.store.stats().get("capacity"),
+                       pid=os.getpid(), hostname=socket.gethostname())
+        self.peers = PeerTable(self.token, dict(own.row(), version=__version__),
+                               lambda peer: OutboundLink(self, peer))
+        self.cluster = ClusterView(own, self.head_address or self.address, self.peers,
+                                   self.lineage, self.node_died)
+        self.cluster.load = self.load
+        self.tasks.cluster, self.tasks.peers = self.cluster, self.peers
+        return tcp_server
+
+    async def _join(self):
+        try:
+            info = await asyncio.wait_for(self.cluster.joined, JOIN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise JoinError(f"cannot join the cluster at {self.head_address}: the head did "
+                            f"not answer within {JOIN_TIMEOUT_S:.0f} s") from None
+        except ConnectionRefusedError as exc:
+            raise JoinError(f"cannot join the cluster at {self.head_address}: {exc}") from None
+        # Our log goes to the head's control store, like every node's.
+        from minray.gcs.supervisor import shard_map_file, write_shard_map
+        os.makedirs(os.path.dirname(shard_map_file(self.session_dir)), mode=0o700, exist_ok=True)
+        write_shard_map(self.session_dir, [tuple(a) for a in info["gcs"]])
+
+    def _write_node_file(self):
+        path = os.path.join(self.session_dir, NODE_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"node_id": self.node_id.hex(), "address": self.address,
+                       "head_address": self.head_address or self.address,
+                       "socket": self.socket_path, "pid": os.getpid(),
+                       "is_head": self.head_address is None, "embedded": self.embedded,
+                       "transfer_address": self.transfer.address}, f)
+        os.replace(path + ".tmp", path)
+
+    def load(self):
+        """This node's load, for heartbeats."""
+        queues = self.dispatcher.queues
+        store = self.store.stats()
+        return {"available": queues.available_resources, "ready": queues.num_ready,
+                "running": sum(1 for w in self.pool.workers.values() if w.queue),
+                "store_used": store.get("used"), "store_capacity": store.get("capacity")}
 
     async def _watchdog(self, parent_pid):
         # Parent gone (driver killed) or workers that failed to start.
@@ -141,6 +263,10 @@ class NodeManager:
                 self.dispatcher.schedule()
 
     def shutdown(self):
+        if self.transfer is not None:
+            self.transfer.close()
+        if self.puller is not None:
+            self.puller.close()
         self.pool.stop_all()
         self.lineage.close()
         self.objects.entries.clear()
@@ -166,6 +292,9 @@ class NodeManager:
 
     # ------------------------------------------------------------ connections
     def on_hello(self, conn, role, info):
+        if role == "node":
+            self._peer_hello(conn, info)
+            return
         conn.role = role
         if role == "worker":
             conn.worker = self.pool.admit(info, conn)
@@ -190,7 +319,91 @@ class NodeManager:
             "session_dir": self.session_dir, "resources": self.resources,
         }))
 
+    def _peer_hello(self, conn, info):
+        """Another node manager opened a link to us (a node joining, on the head)."""
+        if not isinstance(info, dict) or not isinstance(info.get("address"), str):
+            raise wire.ProtocolError("a node's hello must carry its address")
+        conn.role = "node"
+        address = info["address"]
+        if self.cluster.is_head:
+            known = self.cluster.nodes.get(address)
+            refused = None
+            if known is None:
+                refused = self.cluster.on_hello(conn, info)
+            elif not known.alive:
+                refused = (f"node {address} was marked dead; stop it and start a fresh node "
+                           "to rejoin")
+            if refused is not None:
+                log.warning("refused node %s: %s", address, refused)
+                conn.send(("refused", refused))
+                return
+            if known is None:
+                self._send_joined(conn)
+        peer = self.peers.get(address)
+        peer.node_id = info.get("node_id")
+        conn.peer_node = peer
+        conn.peer = f"node {address}"
+
+    def _send_joined(self, conn, waited=0.0):
+        """Accept a node: tell it where the control store is (which the head
+        may still be starting)."""
+        from minray.gcs.supervisor import read_shard_map
+        try:
+            shards = read_shard_map(self.session_dir)
+        except FileNotFoundError:
+            if waited < JOIN_TIMEOUT_S:
+                asyncio.get_running_loop().call_later(0.05, self._send_joined, conn, waited + 0.05)
+            return
+        conn.send(("joined", {"gcs": shards, "head_node_id": self.node_id}))
+
+    def on_joined(self, peer, info):
+        self.cluster.on_joined(info)
+
+    def on_refused(self, peer, reason):
+        self.cluster.on_refused(reason)
+
+    def on_peer_value(self, peer, object_id, kind, meta, payload, contained_owners):
+        self.objects.on_peer_value(peer, object_id, kind, meta, payload, contained_owners,
+                                   self.peers)
+
+    def pull_object(self, object_id, entry):
+        """Fetch a LOCATED object into this node's store (once per object)."""
+        nodes = self.cluster.nodes if self.cluster is not None else {}
+        addresses = [nodes[a].transfer_address for a in entry.data
+                     if a in nodes and nodes[a].alive and nodes[a].transfer_address]
+        if not addresses:
+            asyncio.get_running_loop().call_soon(
+                self.objects.pulled, object_id, "no live node holds a copy")
+            return
+        self.puller.pull(object_id, addresses, self.objects.pulled)
+
+    def node_died(self, address):
+        """A node is dead: what only it held is lost, what it ran for us runs
+        again (max_retries) or fails, and it holds nothing of ours."""
+        from minray.exceptions import ObjectLostError, OwnerDiedError
+        from minray.node_manager.objects import error_object
+        from minray.protocol import ERROR
+        lost = list(self.objects.located_on(address))
+        peer = self.peers.known(address) or self.peers.get(address)
+        self.tasks.node_died(address)
+        for object_id, entry in lost:
+            if entry.owner_peer is not None and entry.owner_peer.address == address:
+                exc = OwnerDiedError(f"object {object_id.hex()} is lost: the node that owns "
+                                     f"it ({address}) died")
+            else:
+                exc = ObjectLostError(f"object {object_id.hex()} is lost: its only copy was on "
+                                      f"node {address}, which died")
+            meta, data = error_object(exc)
+            self.objects.set_ready(object_id, ERROR, meta, data)
+            self.objects.announce(object_id)
+        self.objects.forget_connection(peer)
+        self.dispatcher.schedule()
+
     def connection_lost(self, conn):
+        if conn.role == "node":
+            if conn.peer_node is not None and self.cluster is not None:
+                self.cluster.link_lost(conn.peer_node.address)
+            return
         self.objects.forget_connection(conn)
         self.actors.owner_left(conn)
         if conn.worker is not None:
@@ -223,7 +436,14 @@ class NodeManager:
         node_hex = self.node_id.hex()
         queues = self.dispatcher.queues
         if what == "resources":
-            result = {"total": queues.total_resources, "available": queues.available_resources}
+            total, available = self.cluster.totals()
+            own = self.cluster.own
+            own.available = queues.available_resources
+            total, available = self.cluster.totals()
+            result = {"total": total, "available": available}
+        elif what == "nodes":
+            self.cluster.own.__dict__.update(self.load())
+            result = self.cluster.rows()
         elif what == "tasks":
             result = self.tasks.rows(node_hex)
         elif isinstance(what, tuple) and what[0] in ("actor", "namespace"):
@@ -296,9 +516,11 @@ class NodeManager:
 
 def run_node_manager(session_dir, node_id, resources, store_capacity, token, connect_gcs,
                      num_workers=None, embedded=False, ready_path=None, parent_pid=None,
-                     log_to_driver=True, gpu_ids=None):
+                     log_to_driver=True, gpu_ids=None, node_ip="127.0.0.1", port=0,
+                     head_address=None):
     manager = NodeManager(session_dir, node_id, resources, store_capacity, token,
-                          num_workers, embedded, log_to_driver, gpu_ids)
+                          num_workers, embedded, log_to_driver, gpu_ids, node_ip, port,
+                          head_address)
     try:
         asyncio.run(manager.run(ready_path, parent_pid, connect_gcs))
     except Exception:

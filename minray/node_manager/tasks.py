@@ -10,11 +10,12 @@ import logging
 from minray import ids
 from minray._core.scheduler import Task
 from minray.exceptions import (
-    ObjectLostError, TaskCancelledError, TaskUnschedulableError, WorkerCrashedError,
+    NodeDiedError, ObjectLostError, TaskCancelledError, TaskUnschedulableError,
+    WorkerCrashedError,
 )
 from minray.node_manager.dispatch import pop_from_worker
 from minray.node_manager.objects import error_object, failed_argument_object
-from minray.protocol import ERROR, IN_STORE, ActorCallSpec, TaskSpec
+from minray.protocol import ERROR, IN_STORE, LOCATED, ActorCallSpec, TaskSpec
 from minray.resources import is_valid_request
 
 log = logging.getLogger("minray.node_manager")
@@ -85,6 +86,10 @@ class TaskManager:
         self.objects = objects
         self.lineage = lineage
         self.tasks = {}              # task id -> Task, queued or running
+        # Many nodes (set by the node manager when it has a cluster view):
+        self.cluster = None          # minray.node_manager.cluster.ClusterView
+        self.peers = None
+        self.spilled = {}            # task id -> (Task, Peer running it for us)
         self.cancel_actor_call = None   # set by the actor manager: (task id, force) -> reason
         objects.ready_listeners.append(self.object_ready)
         dispatcher.drop_cancelled = self.fail_cancelled
@@ -112,18 +117,140 @@ class TaskManager:
         task = Task(spec.task_id, spec, spec.resources, retries, conn)
         self.tasks[spec.task_id] = task
         failed, missing = self.claim_args(spec.args, spec.contained, f"task {spec.name}")
-        if not self.queues.feasible(spec.resources):
-            self.fail(task, *error_object(TaskUnschedulableError(
-                f"task {spec.name} asks for {spec.resources} but this cluster has "
-                f"{self.queues.total_resources} in total: no node can ever run it; "
-                "lower the request or add a node with those resources")))
-            return
         if failed is not None:
             self.fail(task, *failed_argument_object(spec.name, *failed))
+            return
+        cluster = self.cluster
+        if not self.queues.feasible(spec.resources):
+            if cluster is None or not self.spill(task, need_room=False):
+                self.fail_unschedulable(task)
+            return
+        if cluster is not None and len(cluster.nodes) > 1 and self._backlogged(spec.resources) \
+                and self.spill(task, need_room=True):
             return
         self.queues.add(task, missing)
         if not missing:
             self.dispatcher.schedule()
+
+    def fail_unschedulable(self, task):
+        spec = task.spec
+        total = self.cluster.totals()[0] if self.cluster is not None \
+            else self.queues.total_resources
+        self.fail(task, *error_object(TaskUnschedulableError(
+            f"task {spec.name} asks for {spec.resources} but no node of this cluster can "
+            f"ever run it (the cluster has {total} in total, and no single node has all "
+            "of it); lower the request or add a node with those resources")))
+
+    # ------------------------------------------------------------ many nodes
+    def _backlogged(self, resources):
+        """Too much waits here already for a task this node could run: it
+        may go to a node with room (bottom-up: local first)."""
+        return (not self.queues.fits(resources)
+                and self.queues.num_ready >= max(1, int(self.queues.total_resources.get("CPU", 1)))
+                and self.cluster.idle_elsewhere(resources))
+
+    def spill(self, task, need_room):
+        """Send a task to another node (the cluster view's choice); False if
+        none fits. Its arguments stay held here until it has finished."""
+        spec = task.spec
+        held = held_ids(spec.args, spec.contained)
+        node = self.cluster.pick_node(spec.resources, self._arg_bytes(held),
+                                      exclude=(self.objects.address,), need_room=need_room)
+        if node is None:
+            return False
+        peer = self.peers.get(node.address)
+        if spec.function_id not in peer.functions:       # its code, once per node
+            peer.functions.add(spec.function_id)
+            peer.send(("fn", spec.function_id, self.dispatcher.functions.get(spec.function_id),
+                       spec.name))
+        arg_owners = {object_id: self.objects.owner_address(object_id) for object_id in held}
+        peer.send(("run", tuple(spec), arg_owners, self.objects.address))
+        self.spilled[task.task_id] = (task, peer)
+        return True
+
+    def _arg_bytes(self, held):
+        """Bytes of a task's stored arguments on each node that has them."""
+        by_node = {}
+        for object_id in held:
+            entry = self.objects.get(object_id)
+            if entry is None:
+                continue
+            if entry.kind == IN_STORE:
+                by_node[self.objects.address] = by_node.get(self.objects.address, 0) + entry.size
+            elif entry.kind == LOCATED:
+                for address in entry.data:
+                    by_node[address] = by_node.get(address, 0) + entry.size
+        return by_node
+
+    def run_forwarded(self, owner, fields, arg_owners, owner_address):
+        """Another node sent us a task to run; its results belong to it."""
+        spec = parse_task_spec(fields)
+        if spec.task_id in self.tasks:
+            return                            # sent again: it runs already
+        objects = self.objects
+        for object_id, address in arg_owners.items():
+            if address != objects.address and objects.get(object_id) is None:
+                objects.add_foreign(object_id, self.peers.get(address))
+        for index in range(1, spec.num_returns + 1):
+            objects.expect(ids.return_object_id(spec.task_id, index), owner)
+        retries = UNLIMITED_RETRIES if spec.max_retries == -1 else spec.max_retries
+        task = Task(spec.task_id, spec, spec.resources, retries, owner)
+        self.tasks[spec.task_id] = task
+        failed, missing = self.claim_args(spec.args, spec.contained, f"task {spec.name}")
+        if failed is not None:
+            self.fail(task, *failed_argument_object(spec.name, *failed))
+        elif not self.queues.feasible(spec.resources):
+            self.fail_unschedulable(task)
+        else:
+            self.queues.add(task, missing)
+            if not missing:
+                self.dispatcher.schedule()
+
+    def forwarded_finished(self, peer, task_id, state):
+        """A node that ran one of our tasks says it ended (its results were
+        sent before this)."""
+        found = self.spilled.pop(task_id, None)
+        if found is None:
+            return
+        task = found[0]
+        self.cluster.task_returned(peer.address)
+        self.tasks.pop(task_id, None)
+        self.release_args(task.spec.args, task.spec.contained)
+
+    def node_died(self, address):
+        """Tasks we sent to a dead node run again elsewhere, or fail."""
+        for task_id, (task, peer) in list(self.spilled.items()):
+            if peer.address != address:
+                continue
+            del self.spilled[task_id]
+            self.cluster.task_returned(address)
+            if task.retries_left > 0:
+                task.retries_left -= 1
+                log.warning("node %s died running %s; retrying (%d retries left)",
+                            address, task.spec.name, task.retries_left)
+                self._place_again(task)
+            else:
+                text = (f"the node {address} running task {task.spec.name} died and the "
+                        "task has no retries left (max_retries)")
+                self.fail(task, *error_object(NodeDiedError(text)), error_text=text)
+
+    def _place_again(self, task):
+        spec = task.spec
+        if self.queues.feasible(spec.resources):
+            missing = [arg[1] for arg in spec.args if arg[0] == "r"
+                       and not self._available_here(arg[1])]
+            self.queues.add(task, missing)
+            if not missing:
+                self.dispatcher.schedule()
+        elif not self.spill(task, need_room=False):
+            self.fail_unschedulable(task)
+
+    def _available_here(self, object_id):
+        entry = self.objects.get(object_id)
+        if entry is not None and entry.kind == LOCATED and self.objects.pull is not None:
+            self.objects.pull(object_id, entry)
+            return False
+        return entry is not None and entry.ready
 
     def refuse(self, conn, fields, reason):
         """A submission that could not be handled: its results become errors,
@@ -159,6 +286,10 @@ class TaskManager:
                 failed = failed or (entry.meta, entry.data)
             elif not entry.ready:
                 missing.append(arg[1])
+            elif entry.kind == LOCATED:          # in another node's store: fetch it
+                missing.append(arg[1])
+                if self.objects.pull is not None:
+                    self.objects.pull(arg[1], entry)
         for object_id in contained:       # refs inside inline arguments
             self.objects.add_task_ref(object_id)
         return failed, missing
@@ -176,10 +307,17 @@ class TaskManager:
         self.finish(task, state)
         if error_text:
             self.report_error(task, error_text)
+        self.spilled.pop(task.task_id, None)
         for index in range(1, task.spec.num_returns + 1):
             object_id = ids.return_object_id(task.task_id, index)
             self.objects.set_ready(object_id, ERROR, meta, data)
             self.objects.announce(object_id)
+        self._tell_owner_node(task, state)
+
+    def _tell_owner_node(self, task, state):
+        owner = task.owner
+        if owner is not None and owner.role == "node":
+            owner.send(("finished", task.task_id, state))
 
     def fail_with(self, task, exc):
         self.fail(task, *error_object(exc))
@@ -233,6 +371,8 @@ class TaskManager:
                 if kind == IN_STORE:
                     self.lineage.log_object(object_id, entry, task_id)
                 self.objects.announce(object_id)
+            if task.owner is not None and task.owner.role == "node":
+                self._tell_owner_node(task, state)
 
     def object_ready(self, object_id, entry):
         if entry.kind == ERROR:

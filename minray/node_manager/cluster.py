@@ -1,0 +1,276 @@
+"""Cluster membership: which nodes exist, what they hold, which are alive.
+
+The head node manager keeps the cluster view. A node joins by connecting
+to the head (minray.node_manager.peers) and saying hello with its id,
+address, resources and minray version; the head answers "joined" (or
+"refused", naming both versions when they differ), records the node in the
+control store's nodes table, and from then on sends every node the whole
+view ("nodes") whenever it changes and once per heartbeat interval.
+
+Every node sends the head a heartbeat with its load (free resources, queued
+and running tasks, object store use) every HEARTBEAT_INTERVAL_S. A node
+whose connection to the head closes (its process died) is marked dead at
+once; one that goes silent (stopped, cut off) after MINRAY_NODE_TIMEOUT_S.
+Each node manager then fails or retries what depended on it
+(NodeManager.node_died).
+"""
+import asyncio
+import logging
+import os
+import time
+
+from minray import __version__
+
+log = logging.getLogger("minray.node_manager")
+
+HEARTBEAT_INTERVAL_S = 0.5
+# Tasks one node may have sent to another and not seen finish, per CPU of the
+# receiving node: enough to keep its workers' pipelines full of short tasks.
+SPILL_CREDITS_PER_CPU = 8
+
+
+def node_timeout_s():
+    value = os.environ.get("MINRAY_NODE_TIMEOUT_S", "3")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"MINRAY_NODE_TIMEOUT_S must be a positive number of seconds, "
+                         f"got {value!r}")
+    return seconds
+
+
+class NodeInfo:
+    """One node as the cluster view knows it (plain data in messages; its
+    node_id in hex)."""
+
+    FIELDS = ("node_id", "address", "transfer_address", "is_head", "resources",
+              "available", "ready", "running", "store_used", "store_capacity", "alive",
+              "pid", "hostname")
+
+    def __init__(self, **fields):
+        for name in self.FIELDS:
+            setattr(self, name, fields.get(name))
+        self.alive = fields.get("alive", True)
+        self.last_heard = time.monotonic()
+
+    def row(self):
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+
+class ClusterView:
+    """The nodes of the cluster; on the head, also their registration and
+    heartbeats. `on_node_died(address)` is called once per node that dies."""
+
+    def __init__(self, own, head_address, peers, lineage, on_node_died):
+        self.own = own                     # NodeInfo of this node
+        self.address = own.address
+        self.head_address = head_address
+        self.is_head = own.is_head
+        self.peers = peers
+        self.lineage = lineage
+        self.on_node_died = on_node_died
+        self.nodes = {own.address: own}
+        self.joined = None                 # future: set when the head accepted us
+        self.load = None                   # () -> this node's load fields
+        self.timeout_s = node_timeout_s()
+        self.dead_addresses = set()
+        self.in_flight = {}                # address -> our tasks running or queued there
+
+    # ------------------------------------------------------------ both sides
+    def start(self):
+        loop = asyncio.get_running_loop()
+        self.joined = loop.create_future()
+        if self.is_head:
+            self._record(self.own)
+            self.joined.set_result(None)
+        else:
+            head = self.peers.get(self.head_address)
+            head.send(("heartbeat", self._load_fields()))
+        return asyncio.ensure_future(self._heartbeats())
+
+    async def _heartbeats(self):
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            if self.is_head:
+                self._update(self.own, self._load_fields())
+                self._check_timeouts()
+                self.broadcast()
+            else:
+                self.peers.get(self.head_address).send(("heartbeat", self._load_fields()))
+
+    def _load_fields(self):
+        return self.load() if self.load is not None else {}
+
+    def _update(self, info, load):
+        for name in ("available", "ready", "running", "store_used", "store_capacity"):
+            if name in load:
+                setattr(info, name, load[name])
+        info.last_heard = time.monotonic()
+
+    def alive_nodes(self):
+        return [n for n in self.nodes.values() if n.alive]
+
+    def rows(self):
+        return [n.row() for n in self.nodes.values()]
+
+    def totals(self):
+        """Resources summed over live nodes: (total, available)."""
+        total, available = {}, {}
+        for node in self.alive_nodes():
+            for name, amount in (node.resources or {}).items():
+                total[name] = total.get(name, 0.0) + amount
+            for name, amount in (node.available or node.resources or {}).items():
+                available[name] = available.get(name, 0.0) + amount
+        return total, available
+
+    def feasible_anywhere(self, resources):
+        return any(_fits(node.resources or {}, resources) for node in self.alive_nodes())
+
+    # ------------------------------------------------------------ head side
+    def on_hello(self, conn, info):
+        """A node asks to join (on the connection it opened). Returns the
+        reason it was refused, or None."""
+        version = info.get("version")
+        if version != __version__:
+            return (f"this node runs minray {version} but the head runs minray {__version__}: "
+                    "install the same version on every node")
+        address = info.get("address")
+        if address in self.nodes and self.nodes[address].alive \
+                and self.nodes[address].node_id != info.get("node_id"):
+            return f"a live node already has the address {address}"
+        node = NodeInfo(**{name: info.get(name) for name in NodeInfo.FIELDS})
+        node.alive = True
+        node.available = dict(node.resources or {})
+        self.nodes[address] = node
+        self.dead_addresses.discard(address)
+        self._record(node)
+        log.info("node %s (%s) joined with %s", address, str(info.get("node_id"))[:8],
+                 node.resources)
+        self.broadcast()
+        return None
+
+    def on_heartbeat(self, peer, load):
+        node = self.nodes.get(peer.address)
+        if node is None or not node.alive:
+            return
+        self._update(node, load)
+
+    def link_lost(self, address):
+        """The connection a node opened to us closed: its process is gone."""
+        node = self.nodes.get(address)
+        if self.is_head and node is not None and node.alive and node is not self.own:
+            self.mark_dead(node, "its connection to the head closed")
+
+    def _check_timeouts(self):
+        now = time.monotonic()
+        for node in self.alive_nodes():
+            if node is not self.own and now - node.last_heard > self.timeout_s:
+                self.mark_dead(node, f"no heartbeat for {now - node.last_heard:.1f} s")
+
+    def mark_dead(self, node, why):
+        node.alive = False
+        node.available = {}
+        log.warning("node %s is dead: %s", node.address, why)
+        self._record(node)
+        self.broadcast()
+        self._died(node.address)
+
+    def broadcast(self):
+        rows = self.rows()
+        for node in self.alive_nodes():
+            if node is not self.own:
+                self.peers.get(node.address).send(("nodes", rows))
+
+    def _record(self, node):
+        row = node.row()
+        row["state"] = "ALIVE" if node.alive else "DEAD"
+        row["host"] = node.address.rpartition(":")[0]
+        row["time"] = time.time()
+        self.lineage.log("nodes", bytes.fromhex(node.node_id), row)
+
+    # ------------------------------------------------------------ node side
+    def on_joined(self, info):
+        if not self.joined.done():
+            self.joined.set_result(info)
+
+    def on_refused(self, reason):
+        if not self.joined.done():
+            self.joined.set_exception(ConnectionRefusedError(reason))
+
+    def on_nodes(self, rows):
+        """The head's view: adopt it; deaths are acted on once."""
+        for row in rows:
+            address = row["address"]
+            if address == self.address:
+                continue
+            node = self.nodes.get(address)
+            if node is None:
+                node = self.nodes[address] = NodeInfo(**row)
+            else:
+                for name in NodeInfo.FIELDS:
+                    setattr(node, name, row.get(name))
+            if not node.alive:
+                self._died(address)
+
+    def _died(self, address):
+        if address in self.dead_addresses:
+            return
+        self.dead_addresses.add(address)
+        peer = self.peers.known(address)
+        if peer is not None:
+            peer.died()
+            del self.peers.peers[address]
+        self.on_node_died(address)
+
+    def is_dead(self, address):
+        return address in self.dead_addresses
+
+    # ------------------------------------------------------------ global scheduler
+    def pick_node(self, resources, arg_bytes=None, exclude=(), need_room=True):
+        """The live node to send a task to, or None.
+
+        Only nodes that could ever run it; with need_room, only those with
+        room for more of our tasks now (SPILL_CREDITS_PER_CPU tasks in flight
+        per CPU, counted until they finish: the credit flows back as fast as
+        the node works, not once per heartbeat). Among those: the node
+        holding the most bytes of its arguments, then the least loaded.
+        """
+        best, best_key = None, None
+        for node in self.alive_nodes():
+            if node.address in exclude or not _fits(node.resources or {}, resources):
+                continue
+            cpus = max(1.0, (node.resources or {}).get("CPU", 1.0))
+            in_flight = self.in_flight.get(node.address, 0)
+            room = cpus * SPILL_CREDITS_PER_CPU - in_flight
+            if need_room and room < 1:
+                continue
+            load = (in_flight + (node.ready or 0)) / cpus
+            key = ((arg_bytes or {}).get(node.address, 0), -load)
+            if best_key is None or key > best_key:
+                best, best_key = node, key
+        if best is not None:
+            self.in_flight[best.address] = self.in_flight.get(best.address, 0) + 1
+        return best
+
+    def task_returned(self, address):
+        count = self.in_flight.get(address, 0) - 1
+        if count > 0:
+            self.in_flight[address] = count
+        else:
+            self.in_flight.pop(address, None)
+
+    def idle_elsewhere(self, resources):
+        """Whether another live node could take one more of our tasks now."""
+        for node in self.alive_nodes():
+            if node is self.own or not _fits(node.resources or {}, resources):
+                continue
+            cpus = max(1.0, (node.resources or {}).get("CPU", 1.0))
+            if self.in_flight.get(node.address, 0) < cpus * SPILL_CREDITS_PER_CPU:
+                return True
+        return False
+
+
+def _fits(available, request):
+    return all(amount <= available.get(name, 0.0) + 1e-9 for name, amount in request.items())

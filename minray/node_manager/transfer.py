@@ -1,0 +1,240 @@
+"""Object transfer between nodes (the object manager).
+
+Each node manager serves its store's objects on a TCP port of its own
+(`TransferServer`, one thread per connection) and pulls objects from other
+nodes with `Puller` (a few threads). A pull is one authenticated connection
+(minray.wire's handshake): the puller asks for an object id; the server
+answers with its size and metadata, then streams the bytes straight from
+its shared-memory arena; the puller receives them with recv_into straight
+into the object it created in its own arena. No copy of the object is made
+in Python memory on either side, and neither side's event loop waits for it.
+
+Integrity: with MINRAY_TRANSFER_INTEGRITY on (the default), the server
+follows the bytes with an HMAC-SHA256 of the object id and data under the
+cluster token, and the puller checks it before it seals the object, so a
+party on the path can't alter an object unseen. Turn it off (=0) on a trusted
+network to save the hashing. The bytes are not encrypted.
+
+Concurrent pulls of one object are merged into one.
+"""
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from minray import wire
+from minray.exceptions import ObjectExistsError
+
+log = logging.getLogger("minray.node_manager")
+
+CHUNK_BYTES = 8 << 20
+PULL_THREADS = 4
+CONNECT_TIMEOUT_S = 10.0
+IDLE_TIMEOUT_S = 30.0       # a peer silent this long mid-transfer is given up on
+
+
+def integrity_enabled():
+    return os.environ.get("MINRAY_TRANSFER_INTEGRITY", "1") not in ("0", "false", "no", "off")
+
+
+def _mac(token, object_id):
+    return hmac.new(token, b"object" + object_id, hashlib.sha256)
+
+
+def accept_client(sock, token):
+    """The server side of minray.wire's handshake on a blocking socket."""
+    nonce, hello = wire.server_hello()
+    sock.sendall(hello)
+    reply = wire.recv_exact(sock, wire.REPLY_SIZE)
+    try:
+        proof = wire.check_client_reply(token, nonce, reply)
+    except wire.AuthenticationError:
+        sock.sendall(wire.REJECTED)
+        raise
+    sock.sendall(proof)
+
+
+class TransferServer:
+    """Serves this node's objects to pulling nodes."""
+
+    def __init__(self, store, token, host):
+        self.store = store
+        self.token = token
+        self.listener = socket.create_server((host, 0), backlog=wire.LISTEN_BACKLOG)
+        self.address = f"{host}:{self.listener.getsockname()[1]}"
+        self.closed = False
+        self.integrity = integrity_enabled()
+        self.auth_failures = wire.WarningLimiter(log)
+
+    def start(self):
+        threading.Thread(target=self._accept_loop, daemon=True,
+                         name="minray-transfer-server").start()
+
+    def close(self):
+        self.closed = True
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+
+    def _accept_loop(self):
+        while not self.closed:
+            try:
+                sock, peer = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock, peer), daemon=True,
+                             name="minray-transfer").start()
+
+    def _serve(self, sock, peer):
+        try:
+            sock.settimeout(wire.HANDSHAKE_TIMEOUT_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                accept_client(sock, self.token)
+            except (wire.AuthenticationError, OSError, ConnectionError) as exc:
+                self.auth_failures.warning("object transfer: refused %s: %s", peer, exc)
+                return
+            sock.settimeout(IDLE_TIMEOUT_S)
+            while True:
+                try:
+                    request = read_frame(sock)
+                except (ConnectionError, OSError):
+                    return
+                if not (isinstance(request, tuple) and len(request) == 2
+                        and request[0] == "pull" and isinstance(request[1], bytes)):
+                    return
+                if not self._send_object(sock, request[1]):
+                    return
+        finally:
+            sock.close()
+
+    def _send_object(self, sock, object_id):
+        try:
+            pinned = self.store.get(object_id)
+        except Exception as exc:          # not here (evicted, freed) or a bad id
+            sock.sendall(wire.encode(("missing", f"{type(exc).__name__}: {exc}")))
+            return True
+        try:
+            with memoryview(pinned) as data:
+                size = len(data)
+                sock.sendall(wire.encode(("object", size, pinned.metadata)))
+                mac = _mac(self.token, object_id) if self.integrity else None
+                for offset in range(0, size, CHUNK_BYTES):
+                    with data[offset:offset + CHUNK_BYTES] as chunk:
+                        sock.sendall(chunk)
+                        if mac is not None:
+                            mac.update(chunk)
+            if mac is not None:
+                sock.sendall(mac.digest())
+            return True
+        except OSError:
+            return False
+        finally:
+            pinned.release()
+
+
+def read_frame(sock):
+    """One frame from a blocking socket, reading nothing past it."""
+    (length,) = wire.FRAME_HEADER.unpack(wire.recv_exact(sock, wire.FRAME_HEADER.size))
+    if length > wire.ORDINARY_MAX_FRAME:
+        raise wire.ProtocolError(f"a transfer header of {length} bytes is too large")
+    return wire.decode(wire.recv_exact(sock, length))
+
+
+class Puller:
+    """Pulls objects from other nodes into the local store.
+
+    pull(object_id, addresses, done) fetches from the first of `addresses`
+    (transfer addresses) that has it; done(object_id, error) is then called
+    on the event loop (error None: sealed here with a primary pin).
+    """
+
+    def __init__(self, store, token, loop):
+        self.store = store
+        self.token = token
+        self.loop = loop
+        self.executor = ThreadPoolExecutor(PULL_THREADS, thread_name_prefix="minray-pull")
+        self.in_flight = {}                 # object id -> [done callbacks]
+        self.integrity = integrity_enabled()
+        self.bytes_pulled = 0
+
+    def pull(self, object_id, addresses, done):
+        waiting = self.in_flight.get(object_id)
+        if waiting is not None:
+            waiting.append(done)
+            return
+        self.in_flight[object_id] = [done]
+        self.executor.submit(self._pull, object_id, list(addresses))
+
+    def _pull(self, object_id, addresses):
+        errors = []
+        for address in addresses:
+            try:
+                self._fetch(object_id, address)
+                self.loop.call_soon_threadsafe(self._finish, object_id, None)
+                return
+            except Exception as exc:
+                errors.append(f"{address}: {type(exc).__name__}: {exc}")
+        why = "; ".join(errors) or "no node holds a copy"
+        self.loop.call_soon_threadsafe(self._finish, object_id, why)
+
+    def _finish(self, object_id, error):
+        for done in self.in_flight.pop(object_id, ()):
+            done(object_id, error)
+
+    def _fetch(self, object_id, address):
+        host, _, port = address.rpartition(":")
+        sock = wire.connect((host, int(port)), self.token, timeout=CONNECT_TIMEOUT_S)
+        try:
+            sock.settimeout(IDLE_TIMEOUT_S)
+            sock.sendall(wire.encode(("pull", object_id)))
+            header = read_frame(sock)
+            if header[0] == "missing":
+                raise LookupError(f"the node does not have it ({header[1]})")
+            _, size, meta = header
+            try:
+                buf = self.store.create_object(object_id, size, meta)
+            except ObjectExistsError:
+                if self.store.hold_primary(object_id):
+                    return                     # a copy is here already
+                raise
+            sealed = False
+            try:
+                self._receive_into(sock, memoryview(buf), object_id)
+                buf = None
+                self.store.seal(object_id, True)
+                sealed = True
+                self.bytes_pulled += size
+            finally:
+                buf = None
+                if not sealed:
+                    self.store.abort(object_id)
+        finally:
+            sock.close()
+
+    def _receive_into(self, sock, view, object_id):
+        size = len(view)
+        mac = _mac(self.token, object_id) if self.integrity else None
+        got = 0
+        while got < size:
+            with view[got:got + CHUNK_BYTES] as window:
+                n = sock.recv_into(window)
+                if n == 0:
+                    raise ConnectionResetError("the node closed the connection mid-object")
+                if mac is not None:
+                    with window[:n] as received:
+                        mac.update(received)     # while the bytes are still in cache
+            got += n
+        if mac is not None:
+            trailer = wire.recv_exact(sock, wire.DIGEST_SIZE)
+            if not hmac.compare_digest(trailer, mac.digest()):
+                raise wire.AuthenticationError("the object's MAC does not match: altered "
+                                               "on the way, or sent by a wrong node")
+        view.release()
+
+    def close(self):
+        self.executor.shutdown(wait=False, cancel_futures=True)
