@@ -43,6 +43,8 @@ TOKEN_ENV = "MINRAY_TOKEN"
 STOP_GRACE_S = 10.0
 # A join the head refuses ends in this exit code (the node manager's contract).
 JOIN_REFUSED_EXIT = 2
+# How much longer than the node manager's own join timeout we wait for it.
+JOIN_GRACE_S = 15.0
 
 
 class NodeStartError(RaySystemError):
@@ -151,6 +153,10 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
         raise
     _write_json(os.path.join(session_dir, LAUNCH_FILE),
                 {"pid": process.pid, "head": bool(head), "head_address": head_address})
+    if not head:
+        # A joining node manager gives up on an unreachable head by itself,
+        # saying why (exit code 2): wait for that rather than kill it first.
+        timeout = max(timeout, _join_timeout() + JOIN_GRACE_S)
     deadline = time.monotonic() + timeout
     try:
         while not os.path.exists(ready):
@@ -178,6 +184,11 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
     return node
 
 
+def _join_timeout():
+    from minray.node_manager.server import JOIN_TIMEOUT_S
+    return JOIN_TIMEOUT_S
+
+
 def _start_failure(head, head_address, code, timeout, log_path):
     """What went wrong, for a node manager that exited with `code` (None: it
     was killed here after `timeout` seconds without getting ready)."""
@@ -188,6 +199,11 @@ def _start_failure(head, head_address, code, timeout, log_path):
         if line is not None:
             # "... cannot join the cluster at HOST:PORT: <reason>" -> <reason>
             reason = line[line.index(marker) + len(marker):].split(": ", 1)[-1].strip()
+            # What failed on the way (a refused token, say) is logged before it.
+            earlier = next((l for l in reversed(tail.splitlines()[:-1])
+                            if " ERROR " in l and marker not in l), None)
+            if earlier is not None:
+                reason += f" (before that: {earlier.split(' ERROR ', 1)[1].strip()})"
             return (f"the node could not join the minray cluster at {head_address}: {reason}. "
                     "Check the address (the head prints it at `minray start --head`) and "
                     "the token (--token-file or MINRAY_TOKEN must hold the head's token). "
