@@ -194,14 +194,16 @@ def _start_failure(head, head_address, code, timeout, log_path):
     was killed here after `timeout` seconds without getting ready)."""
     tail = log_tail(log_path)
     if not head and code == JOIN_REFUSED_EXIT:
+        tail = log_tail(log_path, lines=200)     # the cause may precede a traceback
         marker = "cannot join the cluster at "
         line = next((line for line in reversed(tail.splitlines()) if marker in line), None)
         if line is not None:
             # "... cannot join the cluster at HOST:PORT: <reason>" -> <reason>
             reason = line[line.index(marker) + len(marker):].split(": ", 1)[-1].strip()
             # What failed on the way (a refused token, say) is logged before it.
-            earlier = next((l for l in reversed(tail.splitlines()[:-1])
-                            if " ERROR " in l and marker not in l), None)
+            earlier = next((l for l in reversed(tail.splitlines())
+                            if " ERROR " in l and marker not in l
+                            and not l.rstrip().endswith("the node manager failed")), None)
             if earlier is not None:
                 reason += f" (before that: {earlier.split(' ERROR ', 1)[1].strip()})"
             return (f"the node could not join the minray cluster at {head_address}: {reason}. "
