@@ -123,6 +123,16 @@ TO_NODE_MANAGER_FROM_PEERS = {
     # of the refs inside its inline arguments.
     "run": ("spec", "arg_owners", "owner_address"),
     "finished": ("task_id", "state"),           # a task run for the receiver ended
+    # Host an actor created on the sending node (which owns it), or run a
+    # call of an actor hosted here or whose host the receiver knows.
+    "create": ("spec", "arg_owners"),
+    "call": ("spec", "arg_owners"),
+    # Actor names, kept unique cluster-wide by the head: what is "claim"
+    # (record: (actor_id, class_name, methods)), "lookup" or "release"
+    # (record: the actor id). Answered (but "release") with "name_reply":
+    # None (claimed / not found) or (record, address of the creating node).
+    "name": ("number", "what", "key", "record"),
+    "name_reply": ("number", "existing"),
 }
 PEER_ONLY = frozenset(TO_NODE_MANAGER_FROM_PEERS)
 TO_NODE_MANAGER.update(TO_NODE_MANAGER_FROM_PEERS)

@@ -53,7 +53,7 @@ LARGE_MAX_FRAME = MAX_FRAME      # a listed kind that can legitimately be large
 # 100 KB each), and lists of ids (a get or free of millions of refs).
 NODE_MANAGER_MAX_FRAME = dict.fromkeys(
     ("fn", "actor_create", "submit", "actor_call", "done", "put",
-     "sub", "borrow", "free", "escape", "value", "run", "nodes"), LARGE_MAX_FRAME)
+     "sub", "borrow", "free", "escape", "value", "run", "nodes", "create", "call"), LARGE_MAX_FRAME)
 
 
 def _env_bytes(name, default):
@@ -130,6 +130,52 @@ def client_reply(token, hello):
     client_nonce = os.urandom(NONCE_SIZE)
     proof = _mac(token, b"client", server_nonce, client_nonce)
     return client_nonce + proof, _mac(token, b"server", client_nonce, server_nonce)
+
+
+# Between hosts, a party on the path could alter or inject frames after the
+# handshake. Connections whose server class sets `seal_tcp_frames` (node
+# manager to node manager) carry a MAC on every frame over TCP: HMAC-SHA256
+# (truncated) of the direction, a frame counter and the payload, under a key
+# derived from the token and both handshake nonces. A frame that fails the
+# check is never unpickled: the connection is dropped. (Frames are not
+# encrypted.)
+FRAME_MAC_SIZE = 16
+
+
+def frame_key(token, server_nonce, client_nonce):
+    return _mac(token, b"frames", server_nonce, client_nonce)
+
+
+class FrameSealer:
+    """Adds and checks the per-frame MACs of one connection end."""
+
+    def __init__(self, key, we_are_server):
+        self.key = key
+        self.send_label, self.receive_label = (b"s2c", b"c2s") if we_are_server \
+            else (b"c2s", b"s2c")
+        self.sent = 0
+        self.received = 0
+
+    def _mac(self, label, counter, payload):
+        return hmac.new(self.key, label + counter.to_bytes(8, "little") + payload,
+                        hashlib.sha256).digest()[:FRAME_MAC_SIZE]
+
+    def seal(self, frame):
+        """An encoded frame (header + payload) with its MAC appended."""
+        payload = frame[FRAME_HEADER.size:]
+        mac = self._mac(self.send_label, self.sent, payload)
+        self.sent += 1
+        return FRAME_HEADER.pack(len(payload) + FRAME_MAC_SIZE) + payload + mac
+
+    def open(self, sealed):
+        """The payload of a received frame, if its MAC is right."""
+        if len(sealed) < FRAME_MAC_SIZE:
+            raise ProtocolError("a frame too short to carry its MAC")
+        payload, mac = sealed[:-FRAME_MAC_SIZE], sealed[-FRAME_MAC_SIZE:]
+        if not hmac.compare_digest(mac, self._mac(self.receive_label, self.received, payload)):
+            raise ProtocolError("a frame's MAC is wrong: altered or injected on the way")
+        self.received += 1
+        return payload
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -220,6 +266,11 @@ def connect(address, token, timeout=HANDSHAKE_TIMEOUT_S):
 
     `address` is (host, port) for TCP or a filesystem path for a Unix socket.
     """
+    return connect_with_key(address, token, timeout)[0]
+
+
+def connect_with_key(address, token, timeout=HANDSHAKE_TIMEOUT_S):
+    """connect(), and the key for per-frame MACs (FrameSealer) on it."""
     if isinstance(address, str):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     else:
@@ -228,7 +279,8 @@ def connect(address, token, timeout=HANDSHAKE_TIMEOUT_S):
     try:
         sock.settimeout(timeout)
         sock.connect(address)
-        reply, expected = client_reply(token, recv_exact(sock, HELLO_SIZE))
+        hello = recv_exact(sock, HELLO_SIZE)
+        reply, expected = client_reply(token, hello)
         sock.sendall(reply)
         server_proof = recv_exact(sock, DIGEST_SIZE)
         if server_proof == REJECTED:
@@ -237,7 +289,8 @@ def connect(address, token, timeout=HANDSHAKE_TIMEOUT_S):
         if not hmac.compare_digest(server_proof, expected):
             raise AuthenticationError("the service failed to prove it holds the cluster token")
         sock.settimeout(None)
-        return sock
+        key = frame_key(token, hello[len(HELLO_MAGIC) + 1:], reply[:NONCE_SIZE])
+        return sock, key
     except BaseException:
         sock.close()
         raise
@@ -371,6 +424,7 @@ class FramedServerProtocol:
     default_max_frame = MAX_FRAME
     message_max_frame = {}
     kind_index = 0
+    seal_tcp_frames = False
 
     def __init__(self, token, name="service", batcher=None):
         self.token = token
@@ -394,6 +448,7 @@ class FramedServerProtocol:
         # queued for it since (what it read since = their sum - unsent now).
         self.unsent_at_progress = 0
         self.queued_since_progress = 0
+        self.sealer = None              # FrameSealer, on sealed TCP connections
 
     def connection_made(self, transport):
         import asyncio
@@ -457,6 +512,8 @@ class FramedServerProtocol:
         if self.closed:
             return
         frame = encode(message)
+        if self.sealer is not None:
+            frame = self.sealer.seal(frame)
         if self.output_paused and self._stopped_reading(len(frame)):
             return
         if not self.outbox:
@@ -505,6 +562,9 @@ class FramedServerProtocol:
             self.is_authenticated = True
             self.handshake_timer.cancel()
             self.transport.write(proof)
+            if self.seal_tcp_frames and isinstance(self.peer, tuple):
+                self.sealer = FrameSealer(frame_key(self.token, self.nonce, reply[:NONCE_SIZE]),
+                                          we_are_server=True)
             self.authenticated()
         self._handle_frames()
 
@@ -518,6 +578,8 @@ class FramedServerProtocol:
         try:
             for payload in frames:
                 self.frames_received += 1
+                if self.sealer is not None:
+                    payload = self.sealer.open(payload)
                 message = decode(payload)
                 if len(payload) > self.default_max_frame:
                     kind, limit = message_limit(message, self.message_max_frame,

@@ -18,6 +18,15 @@ the creator's handles, copies rebuilt in other processes (borrowers), values
 and queued tasks that carry a handle. Handles got by name (get_actor) are
 not counted. A detached actor lives until it is killed. Names are unique
 within a namespace; each driver's job has one (anonymous by default).
+
+Across nodes: an actor that does not fit this node (its resources are not
+here, or not free while another node has room) is created on another node
+chosen by the cluster view; this node remembers where (`remote`) and sends
+it the actor's calls and kill. The hosting node sees this node as the
+actor's owner and as the caller of every call sent from here (one FIFO for
+all of them, so each caller's order holds). A node that holds a handle of
+an actor created elsewhere sends its calls to the node that owns the
+handle, which passes them on.
 """
 import collections
 import logging
@@ -49,6 +58,7 @@ class ActorState:
         self.missing = 0                  # constructor arguments not ready yet
         self.held = None                  # resources held while placed
         self.released = False             # nothing holds its handles any more
+        self.host = None                  # address of the node hosting it, if not this one
 
     @property
     def resources(self):
@@ -115,6 +125,15 @@ class ActorManager:
         # actors end with the process that created them.
         dispatcher.holds_actors = lambda worker: self.owned_counts.get(worker.conn, 0) > 0
         self.kill_worker = None           # the node's way to kill a worker (NodeManager)
+        self.cluster = None               # many nodes: the cluster view and peers
+        self.peers = None
+        self.remote = {}                  # actor id -> Peer of the node hosting it
+        # Names are unique in the whole cluster: the head keeps those of
+        # actors created on other nodes, (namespace, name) -> (record,
+        # address of the creating node); other nodes ask it (name requests).
+        self.remote_names = {}
+        self.name_requests = {}           # request number -> what to do with the answer
+        self.next_name_request = 0
         tasks.cancel_actor_call = self.cancel_call
         objects.ready_listeners.append(self.object_ready)
         objects.freed_listeners.append(self.handles_freed)
@@ -122,17 +141,25 @@ class ActorManager:
     # ------------------------------------------------------------ creation
     def on_create(self, conn, spec, request_id):
         check_actor_spec(spec)
+        if spec["name"] is not None and conn.role != "node" and self._asks_head():
+            # The name must be free in the whole cluster: the head says.
+            self._ask_head(("create", conn, spec, request_id), "claim",
+                           (spec["namespace"], spec["name"]),
+                           (spec["actor_id"], spec["class_name"], spec["methods"]))
+            return
+        self._create(conn, spec, request_id)
+
+    def _create(self, conn, spec, request_id):
         actor = ActorState(spec, conn)
         key = actor.registered_name
-        if key is not None and key in self.names:
+        if key is not None and (key in self.names or key in self.remote_names):
             if spec.get("get_if_exists"):
-                conn.send(("info", request_id, self.lookup(*key)))
+                record, address = self._find_name(key)
+                if address != self.objects.address:
+                    self.remote.setdefault(record[0], self.peers.get(address))
+                conn.send(("info", request_id, tuple(record)))
                 return
-            name, namespace = key[1], key[0]
-            conn.send(("info", request_id, (
-                f"The name {name!r} is already taken by another actor in namespace "
-                f"{namespace!r}: pick another name, or reach that actor with "
-                f"minray.get_actor({name!r}, namespace={namespace!r})")))
+            conn.send(("info", request_id, self._name_taken(key[1], key[0])))
             return
         self.actors[actor.actor_id] = actor
         if key is not None:
@@ -151,6 +178,8 @@ class ActorManager:
         needed = dict(actor.resources)
         for name, amount in actor.placement.items():
             needed[name] = needed.get(name, 0.0) + amount
+        if failed is None and conn.role != "node" and self._place_elsewhere(actor, needed):
+            return
         if not queues.feasible(needed):
             self.die(actor, TaskUnschedulableError(
                 f"actor {spec['class_name']} asks for {needed} to be placed but this cluster "
@@ -169,6 +198,64 @@ class ActorManager:
         if actor.missing == 0:
             self.unplaced.append(actor)
             self.dispatcher.schedule()
+
+    def _place_elsewhere(self, actor, needed):
+        """Create the actor on another node if it does not fit here; True if so."""
+        cluster = self.cluster
+        if cluster is None or len(cluster.nodes) < 2:
+            return False
+        queues = self.dispatcher.queues
+        if queues.feasible(needed) and (queues.fits(needed) or not cluster.idle_elsewhere(needed)):
+            return False
+        node = cluster.pick_node(needed, exclude=(self.objects.address,),
+                                 need_room=queues.feasible(needed))
+        if node is None:
+            return False
+        cluster.task_returned(node.address)       # an actor holds no task credit
+        peer = self.peers.get(node.address)
+        spec = actor.spec
+        if spec["class_id"] not in peer.functions:
+            peer.functions.add(spec["class_id"])
+            peer.send(("fn", spec["class_id"], self.dispatcher.functions.get(spec["class_id"]),
+                       spec["class_name"]))
+        held = [a[1] for a in spec["args"] if a[0] == "r"] + list(spec["contained"])
+        arg_owners = {object_id: self.objects.owner_address(object_id) for object_id in held}
+        peer.send(("create", spec, arg_owners))
+        self.remote[actor.actor_id] = peer
+        actor.state = ALIVE
+        actor.host = node.address
+        # Our handles entry stands for the hosting node's: freeing it frees that.
+        self.objects.get(ids.actor_handle_id(actor.actor_id)).primary_peer = peer
+        return True
+
+    def on_create_forwarded(self, owner, spec, arg_owners):
+        """Another node asks us to host an actor created there."""
+        for object_id, address in arg_owners.items():
+            if address != self.objects.address and self.objects.get(object_id) is None:
+                self.objects.add_foreign(object_id, self.peers.get(address))
+        self.on_create(owner, spec, 0)
+
+    def on_call_forwarded(self, caller, fields, arg_owners):
+        """A call of an actor we host, or know the host of, from another node."""
+        for object_id, address in arg_owners.items():
+            if address != self.objects.address and self.objects.get(object_id) is None:
+                self.objects.add_foreign(object_id, self.peers.get(address))
+        self.on_call(caller, fields)
+
+    def _forward_call(self, peer, spec):
+        held = [a[1] for a in spec.args if a[0] == "r"] + list(spec.contained)
+        arg_owners = {object_id: self.objects.owner_address(object_id) for object_id in held}
+        peer.send(("call", tuple(spec), arg_owners))
+
+    def _host_of(self, actor_id):
+        """The peer to send a call of an actor not hosted here, or None."""
+        peer = self.remote.get(actor_id)
+        if peer is not None:
+            return peer
+        handles = self.objects.get(ids.actor_handle_id(actor_id))
+        if handles is not None and handles.owner_peer is not None:
+            return handles.owner_peer          # the node that created it passes it on
+        return None
 
     def place(self):
         """Give unplaced actors a dedicated worker (called from dispatch)."""
@@ -200,7 +287,7 @@ class ActorManager:
             if error_text:
                 name = actor.spec["class_name"]
                 self.lineage.error("actor", name, actor_id, error_text)
-                if not actor.owner.closed:
+                if not actor.owner.closed and actor.owner.role != "node":
                     actor.owner.send(("error", f"actor {name} could not be created: "
                                                f"{error_text}"))
             actor.restarts_left = 0
@@ -219,6 +306,22 @@ class ActorManager:
         task = Task(spec.task_id, spec, {}, 0, conn)
         task.extra = "call"
         actor = self.actors.get(spec.actor_id)
+        peer = self._host_of(spec.actor_id) if actor is None or spec.actor_id in self.remote \
+            else None
+        if peer is not None:
+            if peer.closed:
+                self.tasks.fail_with(task, ActorDiedError(
+                    f"the node {peer.address} hosting actor {spec.actor_id.hex()} died"))
+                return
+            # Its results come back from there, and its arguments stay held
+            # here until it has finished there (as a spilled task's).
+            for index in range(1, spec.num_returns + 1):
+                self.objects.get(ids.return_object_id(spec.task_id, index)).primary_peer = peer
+            self.tasks.claim_args(spec.args, spec.contained, spec.method)
+            self.tasks.tasks[spec.task_id] = task
+            self.tasks.spilled[spec.task_id] = (task, peer, False)
+            self._forward_call(peer, spec)
+            return
         if actor is None:
             self.tasks.fail_with(task, ActorDiedError(
                 f"no actor {spec.actor_id.hex()} on this node: it was never created here"))
@@ -365,6 +468,15 @@ class ActorManager:
         actor.state = PENDING if actor.state != DEAD else DEAD
 
     def kill(self, actor_id, no_restart=True, reason=None):
+        peer = self.remote.get(actor_id)
+        if peer is not None:
+            peer.send(("actor_kill", actor_id, no_restart))
+            if no_restart:
+                self.remote.pop(actor_id, None)
+                actor = self.actors.get(actor_id)
+                if actor is not None and actor.state != DEAD:
+                    self._forget_remote(actor)
+            return
         actor = self.actors.get(actor_id)
         if actor is None or actor.state == DEAD:
             return
@@ -386,6 +498,9 @@ class ActorManager:
             return
         actor.state = DEAD
         actor.death = (meta, data)
+        peer = self.remote.pop(actor.actor_id, None)
+        if peer is not None:                 # hosted elsewhere: it stops there too
+            peer.send(("actor_kill", actor.actor_id, True))
         worker = actor.worker
         self._unplace(actor)
         if worker is not None and not worker.dead:
@@ -400,6 +515,7 @@ class ActorManager:
         key = actor.registered_name
         if key is not None and self.names.get(key) == actor.actor_id:
             del self.names[key]
+            self._release_name(actor)
         if not actor.spec["detached"]:
             self.owned_counts[actor.owner] -= 1
             if self.owned_counts[actor.owner] <= 0:
@@ -408,6 +524,32 @@ class ActorManager:
         self.objects.discard(ids.actor_handle_id(actor.actor_id))
         self.tasks.release_args(actor.spec["args"], actor.spec["contained"])
         self.lineage.actor(actor.actor_id, self._record(actor))
+
+    def _forget_remote(self, actor, why=None):
+        """An actor we created on another node is gone (killed, or its node died)."""
+        actor.state = DEAD
+        actor.death = error_object(ActorDiedError(why or (
+            f"actor {actor.spec['class_name']} was killed with minray.kill")))
+        key = actor.registered_name
+        if key is not None and self.names.get(key) == actor.actor_id:
+            del self.names[key]
+            self._release_name(actor)
+        if not actor.spec["detached"]:
+            self.owned_counts[actor.owner] -= 1
+            if self.owned_counts[actor.owner] <= 0:
+                del self.owned_counts[actor.owner]
+        self.tasks.release_args(actor.spec["args"], actor.spec["contained"])
+
+    def node_died(self, address):
+        """Actors we placed on a dead node are dead (restarting them elsewhere
+        belongs to lineage reconstruction)."""
+        for actor_id, peer in list(self.remote.items()):
+            if peer.address == address:
+                del self.remote[actor_id]
+                actor = self.actors.get(actor_id)
+                if actor is not None and actor.state != DEAD:
+                    self._forget_remote(actor, f"actor {actor.spec['class_name']} died: its "
+                                               f"node {address} died")
 
     def on_exit(self, worker):
         actor = self.actors.get(worker.actor)
@@ -448,6 +590,83 @@ class ActorManager:
         self.die(actor, ActorDiedError(
             f"actor {actor.spec['class_name']} was stopped: the process that created "
             "it exited (pass lifetime='detached' to keep it)"))
+
+    # ------------------------------------------------------------ names across nodes
+    def _asks_head(self):
+        return self.cluster is not None and not self.cluster.is_head
+
+    def _ask_head(self, pending, what, key, record=None):
+        self.next_name_request += 1
+        self.name_requests[self.next_name_request] = pending
+        self.peers.get(self.cluster.head_address).send(
+            ("name", self.next_name_request, what, list(key), record))
+
+    def on_name_request(self, peer, number, what, key, record):
+        """On the head: a node claims, looks up or releases a name."""
+        key = tuple(key)
+        if what == "release":
+            found = self.remote_names.get(key)
+            if found is not None and found[0][0] == record:
+                del self.remote_names[key]
+            return
+        existing = self._find_name(key)
+        if what == "claim" and existing is None:
+            self.remote_names[key] = (tuple(record), peer.address)
+        peer.send(("name_reply", number, existing))
+
+    def _find_name(self, key):
+        """(record, address of the node that created it) of a named actor, or None."""
+        found = self.lookup(*key)
+        if found is not None:
+            return found, self.objects.address
+        remote = self.remote_names.get(key)
+        return (remote[0], remote[1]) if remote is not None else None
+
+    def on_name_reply(self, peer, number, existing):
+        pending = self.name_requests.pop(number, None)
+        if pending is None:
+            return
+        if existing is not None:
+            record, address = existing
+            if address != self.objects.address:
+                self.remote.setdefault(record[0], self.peers.get(address))
+            existing = tuple(record)
+        if pending[0] == "lookup":
+            _, conn, request_id = pending
+            conn.send(("info", request_id, existing))
+            return
+        _, conn, spec, request_id = pending
+        if existing is None:
+            self._create(conn, spec, request_id)
+        elif spec.get("get_if_exists"):
+            conn.send(("info", request_id, existing))
+        else:
+            conn.send(("info", request_id, self._name_taken(spec["name"], spec["namespace"])))
+
+    def lookup_anywhere(self, conn, request_id, namespace, name):
+        """get_actor: this node's names, else the head's (answered later)."""
+        found = self.lookup(namespace, name)
+        if found is None and self.cluster is not None:
+            if self._asks_head():
+                self._ask_head(("lookup", conn, request_id), "lookup", (namespace, name))
+                return
+            remote = self.remote_names.get((namespace, name))
+            if remote is not None:
+                record, address = remote
+                self.remote.setdefault(record[0], self.peers.get(address))
+                found = record
+        conn.send(("info", request_id, found))
+
+    def _release_name(self, actor):
+        key = actor.registered_name
+        if key is not None and self._asks_head():
+            self._ask_head(None, "release", key, actor.actor_id)
+
+    @staticmethod
+    def _name_taken(name, namespace):
+        return (f"The name {name!r} is already taken by another actor in namespace "
+                f"{namespace!r}: pick another name, or reach that actor with "
+                f"minray.get_actor({name!r}, namespace={namespace!r})")
 
     # ------------------------------------------------------------ names
     def job_started(self, job_id, namespace, anonymous):

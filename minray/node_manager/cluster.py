@@ -41,6 +41,12 @@ def node_timeout_s():
     return seconds
 
 
+def head_timeout_s():
+    """How long a node goes on without hearing from its head (the cluster is
+    gone, or this node was cut off and declared dead) before it stops."""
+    return max(30.0, 10 * node_timeout_s())
+
+
 class NodeInfo:
     """One node as the cluster view knows it (plain data in messages; its
     node_id in hex)."""
@@ -77,6 +83,8 @@ class ClusterView:
         self.timeout_s = node_timeout_s()
         self.dead_addresses = set()
         self.in_flight = {}                # address -> our tasks running or queued there
+        self.on_head_lost = None           # () -> None: a node whose head is gone stops
+        self.heard_from_head = time.monotonic()
 
     # ------------------------------------------------------------ both sides
     def start(self):
@@ -99,6 +107,12 @@ class ClusterView:
                 self.broadcast()
             else:
                 self.peers.get(self.head_address).send(("heartbeat", self._load_fields()))
+                silent = time.monotonic() - self.heard_from_head
+                if silent > head_timeout_s() and self.on_head_lost is not None:
+                    log.error("no word from the head %s for %.0f s: this node stops",
+                              self.head_address, silent)
+                    self.on_head_lost()
+                    return
 
     def _load_fields(self):
         return self.load() if self.load is not None else {}
@@ -175,6 +189,8 @@ class ClusterView:
         log.warning("node %s is dead: %s", node.address, why)
         self._record(node)
         self.broadcast()
+        # If it still runs (stopped, cut off), it must hear it and stop.
+        self.peers.get(node.address).send(("nodes", self.rows()))
         self._died(node.address)
 
     def broadcast(self):
@@ -201,9 +217,15 @@ class ClusterView:
 
     def on_nodes(self, rows):
         """The head's view: adopt it; deaths are acted on once."""
+        self.heard_from_head = time.monotonic()
         for row in rows:
             address = row["address"]
             if address == self.address:
+                if not row.get("alive") and self.on_head_lost is not None:
+                    # (it stopped answering for a while: the others have
+                    # already given up on what it held)
+                    log.error("the head declared this node dead: it stops")
+                    self.on_head_lost()
                 continue
             node = self.nodes.get(address)
             if node is None:

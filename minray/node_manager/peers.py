@@ -74,10 +74,10 @@ class Peer:
         host, port = parse_address(self.address)
         while not self.closed:
             try:
-                sock = await loop.run_in_executor(
-                    None, wire.connect, (host, port), self.table.token)
+                sock, key = await loop.run_in_executor(
+                    None, wire.connect_with_key, (host, port), self.table.token)
                 transport, link = await loop.create_connection(
-                    lambda: self.table.link_factory(self), sock=sock)
+                    lambda: self.table.link_factory(self, key), sock=sock)
             except (OSError, wire.AuthenticationError, wire.ProtocolError) as exc:
                 if isinstance(exc, wire.AuthenticationError):
                     log.error("node %s refused our token: %s", self.address, exc)
@@ -103,9 +103,10 @@ class Peer:
         """The cluster view says the node is dead: drop its link and queue."""
         self.closed = True
         self.pending = []
-        if self.link is not None and not self.link.closed:
-            self.link.transport.abort()
-        self.link = None
+        link, self.link = self.link, None
+        if link is not None and not link.closed:
+            link._flush()                 # (what we just told it still goes out)
+            link.transport.close()
 
     def __repr__(self):
         return f"<peer {self.address}>"
@@ -116,7 +117,8 @@ class PeerTable:
 
     def __init__(self, token, hello_info, link_factory):
         self.token = token
-        self.link_factory = link_factory  # peer -> protocol of a connection we opened
+        # (peer, frame key) -> the protocol of a connection we opened
+        self.link_factory = link_factory
         self.hello_info = hello_info      # what we tell a node we connect to
         self.peers = {}
 

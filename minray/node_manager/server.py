@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import time
 
 from minray import __version__, wire
 from minray.node_manager.actors import ActorManager
@@ -57,6 +58,7 @@ class Connection(wire.FramedServerProtocol):
     first_max_frame = wire.FIRST_MAX_FRAME
     default_max_frame = wire.ORDINARY_MAX_FRAME
     message_max_frame = wire.NODE_MANAGER_MAX_FRAME
+    seal_tcp_frames = True        # links with other node managers may cross hosts
 
     def __init__(self, manager):
         super().__init__(manager.token, name="node manager", batcher=manager.batcher)
@@ -65,6 +67,7 @@ class Connection(wire.FramedServerProtocol):
         self.worker = None
         self.embedded_owner = False
         self.peer_node = None       # the Peer, on a link with another node manager
+        self.job_info = {}          # a driver's hello (its job)
 
     def message_received(self, message):
         # (wire.decode gives plain data; a well-formed message is a tuple
@@ -89,10 +92,11 @@ class OutboundLink(Connection):
     done as its client (minray.node_manager.peers), so it starts
     authenticated and expects no hello."""
 
-    def __init__(self, manager, peer):
+    def __init__(self, manager, peer, frame_key):
         super().__init__(manager)
         self.role = "node"
         self.peer_node = peer
+        self.sealer = wire.FrameSealer(frame_key, we_are_server=False)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -160,6 +164,8 @@ class NodeManager:
             "nodes": lambda peer, rows: self.cluster.on_nodes(rows),
             "value": self.on_peer_value, "run": self.tasks.run_forwarded,
             "finished": self.tasks.forwarded_finished,
+            "create": actors.on_create_forwarded, "call": actors.on_call_forwarded,
+            "name": actors.on_name_request, "name_reply": actors.on_name_reply,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -212,11 +218,13 @@ class NodeManager:
                        store_used=0, store_capacity=self.store.stats().get("capacity"),
                        pid=os.getpid(), hostname=socket.gethostname())
         self.peers = PeerTable(self.token, dict(own.row(), version=__version__),
-                               lambda peer: OutboundLink(self, peer))
+                               lambda peer, key: OutboundLink(self, peer, key))
         self.cluster = ClusterView(own, self.head_address or self.address, self.peers,
                                    self.lineage, self.node_died)
         self.cluster.load = self.load
+        self.cluster.on_head_lost = lambda: self.stopping.set()
         self.tasks.cluster, self.tasks.peers = self.cluster, self.peers
+        self.actors.cluster, self.actors.peers = self.cluster, self.peers
         return tcp_server
 
     async def _join(self):
@@ -314,6 +322,7 @@ class NodeManager:
         conn.embedded_owner = bool(info.get("embedded_owner"))
         self.actors.job_started(info.get("job_id"), info.get("namespace"),
                                 info.get("anonymous_namespace"))
+        self._log_job(conn, info, "RUNNING")
         conn.send(("welcome", {
             "node_id": self.node_id, "store_name": self.store_name,
             "session_dir": self.session_dir, "resources": self.resources,
@@ -386,6 +395,7 @@ class NodeManager:
         lost = list(self.objects.located_on(address))
         peer = self.peers.known(address) or self.peers.get(address)
         self.tasks.node_died(address)
+        self.actors.node_died(address)
         for object_id, entry in lost:
             if entry.owner_peer is not None and entry.owner_peer.address == address:
                 exc = OwnerDiedError(f"object {object_id.hex()} is lost: the node that owns "
@@ -406,12 +416,29 @@ class NodeManager:
             return
         self.objects.forget_connection(conn)
         self.actors.owner_left(conn)
+        if conn in self.drivers:
+            self._log_job(conn, conn.job_info, "FINISHED")
         if conn.worker is not None:
             self.worker_died(conn.worker)
         self.drivers.discard(conn)
         if conn.embedded_owner and self.stopping is not None:
             log.info("the driver that started this cluster left; shutting down")
             self.stopping.set()
+
+    def _log_job(self, conn, info, state):
+        """Every driver is a job, recorded in the control store's jobs table."""
+        job_id = info.get("job_id")
+        if not isinstance(job_id, bytes):
+            return
+        conn.job_info = info
+        record = {"state": state, "driver_pid": info.get("pid"), "node": self.address,
+                  "namespace": info.get("namespace")}
+        if state == "RUNNING":
+            conn.job_started = record["start_time"] = time.time()
+        else:
+            record["start_time"] = getattr(conn, "job_started", None)
+            record["end_time"] = time.time()
+        self.lineage.log("jobs", job_id, record)
 
     def worker_died(self, worker):
         """A worker's process ended, or is to end now (it is killed here)."""
@@ -446,6 +473,9 @@ class NodeManager:
             result = self.cluster.rows()
         elif what == "tasks":
             result = self.tasks.rows(node_hex)
+        elif isinstance(what, tuple) and what[0] == "actor" and len(what) == 3:
+            self.actors.lookup_anywhere(conn, request_id, what[1], what[2])
+            return
         elif isinstance(what, tuple) and what[0] in ("actor", "namespace"):
             result = self.actors.query(what)
         elif what == "objects":

@@ -10,7 +10,7 @@ import logging
 from minray import ids
 from minray._core.scheduler import Task
 from minray.exceptions import (
-    NodeDiedError, ObjectLostError, TaskCancelledError, TaskUnschedulableError,
+    ActorDiedError, NodeDiedError, ObjectLostError, TaskCancelledError, TaskUnschedulableError,
     WorkerCrashedError,
 )
 from minray.node_manager.dispatch import pop_from_worker
@@ -89,7 +89,9 @@ class TaskManager:
         # Many nodes (set by the node manager when it has a cluster view):
         self.cluster = None          # minray.node_manager.cluster.ClusterView
         self.peers = None
-        self.spilled = {}            # task id -> (Task, Peer running it for us)
+        # task id -> (Task, Peer running it for us, whether it took a credit
+        # of the cluster view's: tasks do, actor calls do not)
+        self.spilled = {}
         self.cancel_actor_call = None   # set by the actor manager: (task id, force) -> reason
         objects.ready_listeners.append(self.object_ready)
         dispatcher.drop_cancelled = self.fail_cancelled
@@ -165,7 +167,7 @@ class TaskManager:
                        spec.name))
         arg_owners = {object_id: self.objects.owner_address(object_id) for object_id in held}
         peer.send(("run", tuple(spec), arg_owners, self.objects.address))
-        self.spilled[task.task_id] = (task, peer)
+        self.spilled[task.task_id] = (task, peer, True)
         return True
 
     def _arg_bytes(self, held):
@@ -212,19 +214,24 @@ class TaskManager:
         found = self.spilled.pop(task_id, None)
         if found is None:
             return
-        task = found[0]
-        self.cluster.task_returned(peer.address)
+        task, _, credit = found
+        if credit:
+            self.cluster.task_returned(peer.address)
         self.tasks.pop(task_id, None)
         self.release_args(task.spec.args, task.spec.contained)
 
     def node_died(self, address):
         """Tasks we sent to a dead node run again elsewhere, or fail."""
-        for task_id, (task, peer) in list(self.spilled.items()):
+        for task_id, (task, peer, credit) in list(self.spilled.items()):
             if peer.address != address:
                 continue
             del self.spilled[task_id]
-            self.cluster.task_returned(address)
-            if task.retries_left > 0:
+            if credit:
+                self.cluster.task_returned(address)
+            if task.extra == "call":
+                text = f"the node {address} hosting the actor of call {spec_name(task.spec)} died"
+                self.fail(task, *error_object(ActorDiedError(text)))
+            elif task.retries_left > 0:
                 task.retries_left -= 1
                 log.warning("node %s died running %s; retrying (%d retries left)",
                             address, task.spec.name, task.retries_left)

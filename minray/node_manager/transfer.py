@@ -12,8 +12,9 @@ in Python memory on either side, and neither side's event loop waits for it.
 Integrity: with MINRAY_TRANSFER_INTEGRITY on (the default), the server
 follows the bytes with an HMAC-SHA256 of the object id and data under the
 cluster token, and the puller checks it before it seals the object, so a
-party on the path can't alter an object unseen. Turn it off (=0) on a trusted
-network to save the hashing. The bytes are not encrypted.
+party on the path can't alter an object unseen; a puller that wants it
+refuses an object sent without it. Turn it off (=0, on every node) on a
+trusted network to save the hashing. The bytes are not encrypted.
 
 Concurrent pulls of one object are merged into one.
 """
@@ -121,7 +122,7 @@ class TransferServer:
         try:
             with memoryview(pinned) as data:
                 size = len(data)
-                sock.sendall(wire.encode(("object", size, pinned.metadata)))
+                sock.sendall(wire.encode(("object", size, pinned.metadata, self.integrity)))
                 mac = _mac(self.token, object_id) if self.integrity else None
                 for offset in range(0, size, CHUNK_BYTES):
                     with data[offset:offset + CHUNK_BYTES] as chunk:
@@ -195,7 +196,11 @@ class Puller:
             header = read_frame(sock)
             if header[0] == "missing":
                 raise LookupError(f"the node does not have it ({header[1]})")
-            _, size, meta = header
+            _, size, meta, with_mac = header
+            if self.integrity and not with_mac:
+                raise wire.AuthenticationError(
+                    "the node sent the object without its MAC, and this node requires one "
+                    "(MINRAY_TRANSFER_INTEGRITY): set it the same on every node")
             try:
                 buf = self.store.create_object(object_id, size, meta)
             except ObjectExistsError:
@@ -204,7 +209,7 @@ class Puller:
                 raise
             sealed = False
             try:
-                self._receive_into(sock, memoryview(buf), object_id)
+                self._receive_into(sock, memoryview(buf), object_id, with_mac)
                 buf = None
                 self.store.seal(object_id, True)
                 sealed = True
@@ -216,9 +221,9 @@ class Puller:
         finally:
             sock.close()
 
-    def _receive_into(self, sock, view, object_id):
+    def _receive_into(self, sock, view, object_id, with_mac):
         size = len(view)
-        mac = _mac(self.token, object_id) if self.integrity else None
+        mac = _mac(self.token, object_id) if with_mac else None
         got = 0
         while got < size:
             with view[got:got + CHUNK_BYTES] as window:

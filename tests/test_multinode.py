@@ -1,0 +1,273 @@
+"""Several node managers on this machine (loopback addresses 127.0.0.x), used
+through the public API as a user of a cluster would."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import minray
+from minray.cluster_utils import Cluster
+from minray.exceptions import (
+    NodeDiedError, ObjectLostError, RayTaskError, TaskUnschedulableError,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STORE = 256 << 20
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    # Dead nodes are noticed within a second (the default is a few seconds).
+    monkeypatch.setenv("MINRAY_NODE_TIMEOUT_S", "1")
+    made = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "resources": {"head": 1}, "object_store_memory": STORE})
+    try:
+        yield made
+    finally:
+        if minray.is_initialized():
+            minray.shutdown()
+        made.shutdown()
+
+
+def add_worker_node(cluster, number, **resources):
+    node = cluster.add_node(num_cpus=1, resources=resources or {f"node{number}": 1},
+                            object_store_memory=STORE, node_ip_address=f"127.0.0.{number}")
+    cluster.wait_for_nodes()
+    return node
+
+
+@minray.remote
+def node_of(*args):
+    return minray.get_runtime_context().get_node_id()
+
+
+def test_nodes_and_resources_cover_the_cluster(cluster):
+    add_worker_node(cluster, 2)
+    minray.init(address=cluster.address)
+    nodes = minray.nodes()
+    assert len(nodes) == 2 and all(n["Alive"] for n in nodes)
+    addresses = {n["NodeManagerAddress"] for n in nodes}
+    assert addresses == {"127.0.0.1", "127.0.0.2"}
+    total = minray.cluster_resources()
+    assert total["CPU"] == 2 and total["head"] == 1 and total["node2"] == 1
+
+
+def test_custom_resources_pin_tasks_and_big_objects_cross_nodes(cluster):
+    add_worker_node(cluster, 2)
+    add_worker_node(cluster, 3)
+    minray.init(address=cluster.address)
+    here = minray.get_runtime_context().get_node_id()
+    on2 = node_of.options(resources={"node2": 1})
+    on3 = node_of.options(resources={"node3": 1})
+    ids = {minray.get(on2.remote()), minray.get(on3.remote()), here}
+    assert len(ids) == 3
+
+    @minray.remote(resources={"node2": 1})
+    def make(n):
+        return np.arange(n, dtype=np.int64)
+
+    @minray.remote(resources={"node3": 1})
+    def total(array):
+        return int(array.sum()), minray.get_runtime_context().get_node_id()
+
+    n = 8 << 20                                 # 64 MB, pulled in chunks
+    made = make.remote(n)
+    # Made on node 2, read by a task on node 3 and by the driver on the head.
+    assert minray.get(total.remote(made)) == (n * (n - 1) // 2, minray.get(on3.remote()))
+    array = minray.get(made)
+    assert array.shape == (n,) and array[-1] == n - 1
+    # Put by the driver, read on node 2.
+    driver_array = minray.put(np.ones(3 << 20))
+    assert minray.get(node_of.options(resources={"node2": 1}).remote(driver_array)) != here
+    # Small values and refs inside values cross too.
+
+    @minray.remote(resources={"node2": 1})
+    def nested():
+        return [minray.put(np.full(1 << 18, 7.0)), minray.put("small")]
+
+    inner = minray.get(nested.remote())
+    assert minray.get(inner[0])[0] == 7.0 and minray.get(inner[1]) == "small"
+
+
+def test_impossible_request_fails_at_once(cluster):
+    add_worker_node(cluster, 2)
+    minray.init(address=cluster.address)
+    with pytest.raises(TaskUnschedulableError, match="no node"):
+        minray.get(node_of.options(resources={"nowhere": 1}).remote(), timeout=30)
+    with pytest.raises(TaskUnschedulableError):
+        minray.get(node_of.options(num_cpus=2).remote(), timeout=30)   # 1 + 1, never 2 on one
+
+
+def test_cpu_tasks_spread_over_nodes(cluster):
+    add_worker_node(cluster, 2)
+    minray.init(address=cluster.address)
+
+    @minray.remote
+    def slow():
+        time.sleep(0.3)
+        return minray.get_runtime_context().get_node_id()
+
+    assert len(set(minray.get([slow.remote() for _ in range(8)]))) == 2
+
+
+def test_actor_on_one_node_called_from_tasks_on_another(cluster):
+    add_worker_node(cluster, 2)
+    add_worker_node(cluster, 3)
+    minray.init(address=cluster.address)
+
+    @minray.remote(resources={"node2": 1})
+    class Counter:
+        def __init__(self):
+            self.calls = []
+
+        def add(self, caller, k):
+            self.calls.append((caller, k))
+            return len(self.calls)
+
+        def history(self):
+            return self.calls, minray.get_runtime_context().get_node_id()
+
+    @minray.remote(resources={"node3": 1})
+    def call_many(counter, name):
+        return minray.get([counter.add.remote(name, k) for k in range(20)])
+
+    counter = Counter.remote()
+    from_driver = [counter.add.remote("driver", k) for k in range(20)]
+    results = minray.get([call_many.remote(counter, "task")] + from_driver)
+    calls, host = minray.get(counter.history.remote())
+    assert host == minray.get(node_of.options(resources={"node2": 1}).remote())
+    assert len(calls) == 40
+    for caller in ("driver", "task"):          # each caller's order is kept
+        assert [k for c, k in calls if c == caller] == list(range(20))
+    assert sorted(results[0] + results[1:]) == list(range(1, 41))
+
+
+def wait_for_file(path, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert path.exists(), f"{path} did not appear within {timeout} s"
+
+
+def test_killed_node_loses_its_objects_and_its_tasks_run_again(cluster, tmp_path):
+    nodes = {add_worker_node(cluster, 2, node2=1, shared=1).node_id: "node2",
+             add_worker_node(cluster, 3, node3=1, shared=1).node_id: "node3"}
+    by_name = {name: node for node in cluster.list_all_nodes()
+               for node_id, name in nodes.items() if node.node_id == node_id}
+    minray.init(address=cluster.address)
+
+    @minray.remote(resources={"node3": 1})
+    def put_there():
+        return [minray.put(np.ones(1 << 20))]   # owned by node 3, kept only there
+
+    only_on_3 = minray.get(put_there.remote())[0]
+    started = tmp_path / "started"
+
+    @minray.remote(resources={"shared": 1}, max_retries=2)
+    def long_task(path):
+        with open(path, "a") as f:
+            f.write(minray.get_runtime_context().get_node_id() + "\n")
+        time.sleep(1.0)
+        return minray.get_runtime_context().get_node_id()
+
+    ref = long_task.remote(str(started))
+    wait_for_file(started)
+    first = started.read_text().split()[0]
+    victim = nodes[first]
+    survivor = "node2" if victim == "node3" else "node3"
+    cluster.remove_node(by_name[victim], allow_graceful=False)
+    assert nodes[minray.get(ref, timeout=60)] == survivor      # run again elsewhere
+    if victim != "node3":
+        cluster.remove_node(by_name["node3"], allow_graceful=False)
+    with pytest.raises(ObjectLostError, match="died"):
+        minray.get(only_on_3, timeout=60)
+
+
+def test_task_without_retries_on_a_killed_node_fails(cluster, tmp_path):
+    node2 = add_worker_node(cluster, 2)
+    minray.init(address=cluster.address)
+    started = tmp_path / "started"
+
+    @minray.remote(resources={"node2": 1}, max_retries=0)
+    def hang(path):
+        open(path, "w").close()
+        time.sleep(600)
+
+    ref = hang.remote(str(started))
+    wait_for_file(started)
+    cluster.remove_node(node2, allow_graceful=False)
+    with pytest.raises(NodeDiedError, match="died"):
+        minray.get(ref, timeout=60)
+    alive = [n for n in minray.nodes() if n["Alive"]]
+    assert len(alive) == 1
+
+
+def test_two_drivers_share_a_cluster(cluster):
+    add_worker_node(cluster, 2)
+    code = textwrap.dedent("""
+        import sys, minray
+        minray.init(address=sys.argv[1])
+        @minray.remote(resources={"node2": 1})
+        def square(x):
+            return x * x
+        print(sum(minray.get([square.remote(i) for i in range(50)])))
+    """)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    drivers = [subprocess.Popen([sys.executable, "-c", code, cluster.address], env=env,
+                                stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [d.communicate(timeout=120)[0] for d in drivers]
+    assert [d.returncode for d in drivers] == [0, 0]
+    assert [o.strip() for o in outputs] == [str(sum(i * i for i in range(50)))] * 2
+
+
+def test_a_node_of_another_version_is_refused(cluster, tmp_path):
+    from minray.session import read_token, write_token
+    from minray.spawn import python_argv
+    head_session = cluster.head_node.session_dir
+    session = tmp_path / "session"
+    session.mkdir(mode=0o700)
+    (session / "logs").mkdir(mode=0o700)
+    write_token(str(session), read_token(head_session))
+    code = textwrap.dedent("""
+        import sys, minray
+        import minray.node_manager.server as server
+        server.__version__ = "0.0.0-other"
+        from minray.node_manager.__main__ import main
+        main(sys.argv[1:])
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--session-dir", str(session), "--resources",
+         '{"CPU": 1}', "--object-store-memory", str(64 << 20),
+         "--head-address", cluster.address, "--node-ip-address", "127.0.0.5"],
+        env=dict(os.environ, PYTHONPATH=REPO), timeout=60, capture_output=True, text=True)
+    assert result.returncode == 2
+    log = (session / "logs" / "node_manager.log").read_text()
+    assert "0.0.0-other" in log and minray.__version__ in log
+    assert "cannot join the cluster" in log
+
+
+def test_transfer_port_refuses_a_wrong_token(cluster):
+    import json
+    from minray import wire
+    with open(os.path.join(cluster.head_node.session_dir, "node.json")) as f:
+        host, port = json.load(f)["transfer_address"].rsplit(":", 1)
+    with pytest.raises(wire.AuthenticationError):
+        wire.connect((host, int(port)), b"x" * 32)
+
+
+def test_driver_error_names_the_remote_task(cluster):
+    add_worker_node(cluster, 2)
+    minray.init(address=cluster.address)
+
+    @minray.remote(resources={"node2": 1})
+    def broken():
+        raise ValueError("bad input on node 2")
+
+    with pytest.raises(ValueError, match="bad input on node 2") as info:
+        minray.get(broken.remote())
+    assert isinstance(info.value, RayTaskError)
