@@ -39,6 +39,9 @@ NODE_MANAGER_ENTRY = "minray.node_manager.__main__:main"
 # Ray's) 6379, so both can run on one machine.
 DEFAULT_HEAD_PORT = 6380
 TOKEN_ENV = "MINRAY_TOKEN"
+# The namespace of the connections minray's tools make (minray status/list):
+# `minray list jobs` leaves them out.
+TOOL_NAMESPACE = "_minray_tools"
 # How long a node manager has to stop on SIGTERM before it is killed.
 STOP_GRACE_S = 10.0
 # A join the head refuses ends in this exit code (the node manager's contract).
@@ -435,7 +438,7 @@ def tool_client(session_dir):
     job_id = os.urandom(ids.JOB_ID_SIZE)
     client = core.CoreClient(socket_path, read_token(session_dir), "driver",
                              {"pid": os.getpid(), "job_id": job_id, "tool": True,
-                              "namespace": "_minray_tools", "anonymous_namespace": True,
+                              "namespace": TOOL_NAMESPACE, "anonymous_namespace": True,
                               "code_paths": []},
                              root_task_id=ids.driver_task_id(job_id))
     try:

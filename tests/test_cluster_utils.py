@@ -183,3 +183,44 @@ for make in (lambda: Cluster(head_node_args={"num_cpus": 1}),
     assert "unknown arguments num_cpu" in proc.stdout
     root = session_root["MINRAY_SESSION_ROOT"]
     assert not glob.glob(os.path.join(root, "session-*", "token"))
+
+
+def test_minray_status_and_list_see_every_node(session_root):
+    """The command line on a cluster_utils cluster: status lists both nodes,
+    `list names` a named actor living on the second node, `list jobs` the
+    driver (and not the command line's own connections)."""
+    proc = run_driver("""
+import subprocess, sys, time
+import minray
+from minray.cluster_utils import Cluster
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "minray.scripts.cli", *args],
+                          capture_output=True, text=True, check=True).stdout
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1,
+                                                       "object_store_memory": 64 << 20})
+side = cluster.add_node(num_cpus=1, resources={"side": 1}, node_ip_address="127.0.0.2",
+                        object_store_memory=64 << 20)
+cluster.wait_for_nodes()
+cluster.connect(namespace="shown")
+
+@minray.remote(resources={"side": 1})
+class Sider:
+    def where(self):
+        return minray.get_runtime_context().get_node_id()
+
+sider = Sider.options(name="sider").remote()
+assert minray.get(sider.where.remote()) == side.node_id
+status = cli("status")
+assert "2 node(s) alive" in status, status
+assert side.address in status and cluster.address in status, status
+names = cli("list", "names")
+row = next(line for line in names.splitlines() if line.startswith("sider"))
+assert "Sider" in row and side.address in row, names
+jobs = cli("list", "jobs")
+assert "shown" in jobs and "_minray_tools" not in jobs, jobs
+cluster.shutdown()
+print("DONE")
+""", env=session_root, timeout=180)
+    assert "DONE" in proc.stdout

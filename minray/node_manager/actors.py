@@ -697,6 +697,8 @@ class ActorManager:
         raise ValueError(f"unknown actor query {what!r:.80}")
 
     def named_rows(self, namespace=None):
+        """Named actors of this node and, on the head, those other nodes
+        registered (the head holds every name of the cluster)."""
         rows = []
         for (actor_namespace, name), actor_id in self.names.items():
             actor = self.actors.get(actor_id)
@@ -705,7 +707,15 @@ class ActorManager:
             if namespace is None or actor_namespace == namespace:
                 rows.append({"name": name, "namespace": actor_namespace,
                              "class_name": actor.spec["class_name"], "state": actor.state,
-                             "actor_id": actor_id.hex(), "detached": actor.spec["detached"]})
+                             "actor_id": actor_id.hex(), "detached": actor.spec["detached"],
+                             "node": self.objects.address})
+        for (actor_namespace, name), (record, address) in self.remote_names.items():
+            if (namespace is None or actor_namespace == namespace) \
+                    and (actor_namespace, name) not in self.names:
+                # Registered by another node; it releases the name when the actor dies.
+                rows.append({"name": name, "namespace": actor_namespace,
+                             "class_name": record[1], "state": "ALIVE",
+                             "actor_id": record[0].hex(), "detached": None, "node": address})
         return rows
 
     def _record(self, actor):

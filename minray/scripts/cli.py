@@ -333,15 +333,25 @@ def _list_nodes(client, session_dir, limit):
 
 
 def _list_jobs(client, session_dir, limit):
-    return [_readable(row) for row in _gcs_rows(session_dir, "jobs", limit)]
+    from minray.node_launcher import TOOL_NAMESPACE
+    # The connections of minray's own tools (this command included) are not jobs.
+    return [_readable(row) for row in _gcs_rows(session_dir, "jobs", limit)
+            if row.get("namespace") != TOOL_NAMESPACE]
 
 
 def _list_names(client, session_dir, limit):
-    rows = client.request_info(("actor", None)) or []
+    # The head knows every name; the local nodes are asked too, in case the
+    # head runs on another machine.
+    rows = {}
+    for row in _live_rows(client, session_dir, ("actor", None)):
+        key = (row.get("namespace") or "", row["name"])
+        if key not in rows or row.get("detached") is not None:    # the creator's row wins
+            rows[key] = row
     return [{"name": r["name"], "namespace": r.get("namespace"), "class": r.get("class_name"),
              "state": r.get("state"), "actor": _short(r.get("actor_id")),
-             "detached": "yes" if r.get("detached") else ""}
-            for r in sorted(rows, key=lambda r: (r.get("namespace") or "", r["name"]))]
+             "detached": {True: "yes", False: "no"}.get(r.get("detached"), ""),
+             "node": r.get("node") or ""}
+            for _, r in sorted(rows.items())]
 
 
 def _list_errors(client, session_dir, limit):
