@@ -14,12 +14,16 @@ def check_amount(what, value):
         raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
 
 
+_INF = math.inf
+
+
 def is_valid_request(resources):
     """True if a resource dict (as it crossed a socket) is safe to schedule."""
+    # Once per submitted task: exact type tests, no calls.
     if type(resources) is not dict:
         return False
     for name, amount in resources.items():
-        if (type(name) is not str or type(amount) not in (int, float)
-                or not 0 <= amount < math.inf):        # NaN fails both comparisons
+        if (type(name) is not str or (type(amount) is not float and type(amount) is not int)
+                or not 0 <= amount < _INF):        # NaN fails both comparisons
             return False
     return True

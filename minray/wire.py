@@ -23,6 +23,7 @@ dropped peers are logged at a bounded rate.
 import hashlib
 import hmac
 import io
+import mmap
 import os
 import pickle
 import socket
@@ -45,6 +46,10 @@ LISTEN_BACKLOG = 4096
 
 # Frame size limits: bytes of pickle after the 4-byte length prefix.
 MAX_FRAME = 1 << 30              # the most anything accepts (clients reading services too)
+# Reads: a blocking socket's recv_into a buffer kept for it (no allocation per
+# read); an asyncio server's reads stay below glibc's mmap threshold (128 KB).
+RECV_SIZE = 1 << 20
+SERVER_READ_SIZE = 64 << 10
 FIRST_MAX_FRAME = 64 << 10       # a connection's first frame: a hello, before it said who it is
 ORDINARY_MAX_FRAME = 1 << 20     # a message whose kind is not listed with a larger limit
 LARGE_MAX_FRAME = MAX_FRAME      # a listed kind that can legitimately be large
@@ -296,6 +301,14 @@ def connect_with_key(address, token, timeout=HANDSHAKE_TIMEOUT_S):
         raise
 
 
+def recv_buffer():
+    """A writable view of RECV_SIZE bytes for recv_into. Private anonymous
+    memory: only the pages reads actually fill become resident (a bytearray
+    would be zeroed, all of it, in every process), and a forked child gets
+    its own copy."""
+    return memoryview(mmap.mmap(-1, RECV_SIZE, flags=mmap.MAP_PRIVATE))
+
+
 class FrameReader:
     """Reads frames from a blocking socket, buffering partial reads."""
 
@@ -303,13 +316,16 @@ class FrameReader:
         self.sock = sock
         self.buffer = bytearray()
         self.ready = []
+        self.view = None                # reused for every recv (see RECV_SIZE)
 
     def read(self):
         while not self.ready:
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
+            if self.view is None:
+                self.view = recv_buffer()
+            n = self.sock.recv_into(self.view)
+            if not n:
                 raise ConnectionResetError("connection closed by the peer")
-            self.buffer += chunk
+            self.buffer += self.view[:n]
             self.ready.extend(split_frames(self.buffer))
         return decode(self.ready.pop(0))
 
@@ -454,6 +470,11 @@ class FramedServerProtocol:
         import asyncio
         self.transport = transport
         transport.set_write_buffer_limits(high=OUTPUT_HIGH_WATER, low=OUTPUT_LOW_WATER)
+        # asyncio's selector transports read up to `max_size` bytes into a new
+        # bytes object per recv; at its default (256 KB) glibc may serve each
+        # one with mmap/mremap/munmap, three syscalls per read. Below the mmap
+        # threshold they come from the heap.
+        transport.max_size = SERVER_READ_SIZE
         self.peer = transport.get_extra_info("peername") or "unix socket"
         if self.peer == "unix socket":
             self.peer_pid = peer_pid(transport.get_extra_info("socket"))
@@ -574,7 +595,9 @@ class FramedServerProtocol:
     def _handle_frames(self):
         batcher = self.batcher
         batcher.depth += 1
-        frames = split_frames(self.buffer, self._frame_limit)
+        # Past the first frame the limit is fixed: a number, not a call per frame.
+        frames = split_frames(self.buffer, self._frame_limit if self.frames_received == 0
+                              else self.largest_frame)
         try:
             for payload in frames:
                 self.frames_received += 1

@@ -116,7 +116,7 @@ def test_cpu_tasks_spread_over_nodes(cluster):
 
 
 def test_actor_on_one_node_called_from_tasks_on_another(cluster):
-    add_worker_node(cluster, 2)
+    node2 = add_worker_node(cluster, 2)
     add_worker_node(cluster, 3)
     minray.init(address=cluster.address)
 
@@ -140,7 +140,7 @@ def test_actor_on_one_node_called_from_tasks_on_another(cluster):
     from_driver = [counter.add.remote("driver", k) for k in range(20)]
     results = minray.get([call_many.remote(counter, "task")] + from_driver)
     calls, host = minray.get(counter.history.remote())
-    assert host == minray.get(node_of.options(resources={"node2": 1}).remote())
+    assert host == node2.node_id
     assert len(calls) == 40
     for caller in ("driver", "task"):          # each caller's order is kept
         assert [k for c, k in calls if c == caller] == list(range(20))
@@ -271,3 +271,20 @@ def test_driver_error_names_the_remote_task(cluster):
     with pytest.raises(ValueError, match="bad input on node 2") as info:
         minray.get(broken.remote())
     assert isinstance(info.value, RayTaskError)
+
+
+def test_stopped_node_is_declared_dead_and_then_stops(cluster):
+    node2 = add_worker_node(cluster, 2)
+    minray.init(address=cluster.address)
+    os.kill(node2.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 30
+        while any(n["Alive"] for n in minray.nodes() if n["NodeID"] == node2.node_id):
+            assert time.monotonic() < deadline, "a stopped node was not declared dead"
+            time.sleep(0.1)
+        with pytest.raises(TaskUnschedulableError):
+            minray.get(node_of.options(resources={"node2": 1}).remote(), timeout=30)
+    finally:
+        os.kill(node2.pid, signal.SIGCONT)
+    # Woken up, it hears it was declared dead and stops.
+    assert node2.process.wait(timeout=30) is not None

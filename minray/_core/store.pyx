@@ -685,10 +685,13 @@ cdef class SharedStore:
             raise TypeError(f"object id must be bytes, got {type(oid).__name__}")
         return <const uint8_t*><char*>oid
 
-    def create_object(self, bytes object_id, data_size, bytes metadata=b""):
+    def create_object(self, bytes object_id, data_size, bytes metadata=b"", bint map_now=True):
         """Allocate an object and return a writable buffer for its data.
 
-        Evicts unpinned objects (least recently used first) when needed.
+        Evicts unpinned objects (least recently used first) when needed. A
+        large object's pages are mapped at once (prefault) unless asked not
+        to: a writer fed by a socket lets the copy fault them in as the
+        bytes arrive, instead of making the sender wait for all of them.
         """
         cdef const uint8_t* oid = self._id_ptr(object_id)
         cdef int32_t e = NO_ENTRY
@@ -724,7 +727,7 @@ cdef class SharedStore:
         view.ptr = start + round_up(meta_size, ALIGNMENT)
         view.size = data_size
         view.readonly = False
-        if data_size >= PREFAULT_BYTES:
+        if map_now and data_size >= PREFAULT_BYTES:
             with nogil:
                 prefault(view.ptr, view.size)
         mv = memoryview(view)

@@ -385,13 +385,17 @@ class GcsClient:
         same as put/delete per item, with one lock per shard instead of one
         per write (for writers of thousands of records at a time)."""
         num_shards = len(self.shards)
-        by_shard = {}
         for item in items:
             key = item[1]
             if item[0] not in _TABLE_SET or type(key) is not bytes \
                     or not 0 < len(key) <= MAX_KEY_BYTES:
                 self._check(item[0], key)          # raises the error that says why
-            by_shard.setdefault(zlib.crc32(key) % num_shards, []).append(item)
+        if num_shards == 1:                        # (one shard: nothing to sort out)
+            self._buffer(0, items)
+            return
+        by_shard = {}
+        for item in items:
+            by_shard.setdefault(zlib.crc32(item[1]) % num_shards, []).append(item)
         for number, writes in by_shard.items():
             self._buffer(number, writes)
 

@@ -205,13 +205,13 @@ class ActorManager:
         if cluster is None or len(cluster.nodes) < 2:
             return False
         queues = self.dispatcher.queues
-        if queues.feasible(needed) and (queues.fits(needed) or not cluster.idle_elsewhere(needed)):
+        if queues.feasible(needed) and (self._fits_after_unplaced(needed)
+                                        or not cluster.room_elsewhere(needed)):
             return False
-        node = cluster.pick_node(needed, exclude=(self.objects.address,),
-                                 need_room=queues.feasible(needed))
+        node = cluster.pick_node_for_actor(needed, (self.objects.address,),
+                                           need_room=queues.feasible(needed))
         if node is None:
             return False
-        cluster.task_returned(node.address)       # an actor holds no task credit
         peer = self.peers.get(node.address)
         spec = actor.spec
         if spec["class_id"] not in peer.functions:
@@ -227,6 +227,16 @@ class ActorManager:
         # Our handles entry stands for the hosting node's: freeing it frees that.
         self.objects.get(ids.actor_handle_id(actor.actor_id)).primary_peer = peer
         return True
+
+    def _fits_after_unplaced(self, needed):
+        """Whether this node has room for `needed` once the actors already
+        waiting here to be placed have theirs."""
+        total = dict(needed)
+        for actor in self.unplaced:
+            for source in (actor.resources, actor.placement):
+                for name, amount in source.items():
+                    total[name] = total.get(name, 0.0) + amount
+        return self.dispatcher.queues.fits(total)
 
     def on_create_forwarded(self, owner, spec, arg_owners):
         """Another node asks us to host an actor created there."""
@@ -315,8 +325,6 @@ class ActorManager:
                 return
             # Its results come back from there, and its arguments stay held
             # here until it has finished there (as a spilled task's).
-            for index in range(1, spec.num_returns + 1):
-                self.objects.get(ids.return_object_id(spec.task_id, index)).primary_peer = peer
             self.tasks.claim_args(spec.args, spec.contained, spec.method)
             self.tasks.tasks[spec.task_id] = task
             self.tasks.spilled[spec.task_id] = (task, peer, False)

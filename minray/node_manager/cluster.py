@@ -283,13 +283,39 @@ class ClusterView:
         else:
             self.in_flight.pop(address, None)
 
-    def idle_elsewhere(self, resources):
-        """Whether another live node could take one more of our tasks now."""
+    def pick_node_for_actor(self, needed, exclude, need_room):
+        """A live node to host an actor: one whose free resources (as of its
+        last heartbeat, less what we placed there since) fit it, the freest
+        first; without need_room, any node that could ever fit it."""
+        best, best_free = None, None
+        for node in self.alive_nodes():
+            if node.address in exclude or not _fits(node.resources or {}, needed):
+                continue
+            available = node.available or {}
+            if need_room and not _fits(available, needed):
+                continue
+            free = available.get("CPU", 0.0)
+            if best is None or free > best_free:
+                best, best_free = node, free
+        if best is not None and best.available:
+            best.available = {name: amount - needed.get(name, 0.0)
+                              for name, amount in best.available.items()}
+        return best
+
+    def room_elsewhere(self, needed):
+        return any(node is not self.own and _fits(node.available or {}, needed)
+                   for node in self.alive_nodes())
+
+    def idle_elsewhere(self, resources, local_load):
+        """Whether another live node could take one more of our tasks now:
+        it has credit left, and fewer of our tasks per CPU than `local_load`
+        (tasks waiting here per CPU)."""
         for node in self.alive_nodes():
             if node is self.own or not _fits(node.resources or {}, resources):
                 continue
             cpus = max(1.0, (node.resources or {}).get("CPU", 1.0))
-            if self.in_flight.get(node.address, 0) < cpus * SPILL_CREDITS_PER_CPU:
+            in_flight = self.in_flight.get(node.address, 0)
+            if in_flight < cpus * SPILL_CREDITS_PER_CPU and in_flight / cpus < local_load:
                 return True
         return False
 

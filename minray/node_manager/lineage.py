@@ -55,6 +55,8 @@ WARN_INTERVAL_S = 10.0
 CLOSE_TIMEOUT_S = 5.0
 RETRY_MAX_S = 5.0
 TRIM_CHECKS = 1_000                  # per drain, besides two per record written
+NEEDED_STREAK = 100                  # needed records in a row that end a trimming pass
+                                     # (or half the records written, if more)
 
 # Entry kinds in the queue (the first item of each tuple).
 _PUT, _TASK, _OBJECT, _ERROR = 0, 1, 2, 3
@@ -402,32 +404,50 @@ class LineageLog:
         budget = TRIM_CHECKS + 2 * written
         order = self._task_order
         excess = len(order) - self.task_history
+        # Once per task record in a long run: the usual case (one return, no
+        # pins) is a single membership test, without a call per record.
+        is_held, pins, pinned_by = self._is_held, self._pins, self._pinned_by
+        # While a burst of tasks runs, the oldest records are mostly of
+        # results still held (a driver waiting for all of them): a run of
+        # needed records ends the pass instead of cycling through thousands
+        # of them after every batch written. The next batch goes on from
+        # there, so a block of held records is passed within a few batches
+        # (the table exceeds its size by at most about twice what is held).
+        streak, max_streak = 0, max(NEEDED_STREAK, written // 2)
         while ((excess > 0 or self._task_bytes > self.task_history_bytes)
-               and budget > 0 and order):
+               and budget > 0 and order and streak < max_streak):
             budget -= 1
             record = order.popleft()
             task_id = record[0]
-            if self._task_needed(task_id, record[1]):
+            if ((pins and task_id in pins)
+                    or (is_held(task_id + _FIRST_RETURN) if record[1] == 1
+                        else self._task_needed(task_id, record[1]))):
                 order.append(record)                     # looked at again later
+                streak += 1
                 continue
+            streak = 0
             writes.append(("tasks", task_id, None))
             self._task_bytes -= record[2]
             self.deleted += 1
             excess -= 1
-            for producer in self._pinned_by.pop(task_id, ()):
-                left = self._pins[producer] - 1
-                if left:
-                    self._pins[producer] = left
-                else:
-                    del self._pins[producer]
+            if pinned_by:
+                for producer in pinned_by.pop(task_id, ()):
+                    left = pins[producer] - 1
+                    if left:
+                        pins[producer] = left
+                    else:
+                        del pins[producer]
         order = self._object_order
         excess = len(order) - self.object_history
-        while excess > 0 and budget > 0 and order:
+        streak = 0
+        while excess > 0 and budget > 0 and order and streak < max_streak:
             budget -= 1
             object_id = order.popleft()
-            if self._is_held(object_id):
+            if is_held(object_id):
                 order.append(object_id)
+                streak += 1
                 continue
+            streak = 0
             writes.append(("objects", object_id, None))
             self.deleted += 1
             excess -= 1

@@ -291,10 +291,17 @@ class ObjectDirectory:
         for inner_id, owner_address in contained_owners:
             if inner_id not in self.entries and owner_address != self.address:
                 self.add_foreign(inner_id, peers.get(owner_address))
-        if kind == LOCATED and entry.owner_peer is None and peer.address in payload[1]:
-            entry.primary_peer = peer        # it keeps the primary copy for us
+        ours = entry.owner_peer is None
         self.set_ready(object_id, kind, meta, payload,
                        contained=[inner for inner, _ in contained_owners])
+        if ours:
+            # It made (or passed on) this value for us and keeps an entry
+            # for it until we free it: a stored value's copy now, an inline
+            # one as soon as the refs inside it are borrowed (just sent).
+            if kind == LOCATED:
+                entry.primary_peer = peer
+            else:
+                peer.send(("free", [object_id]))
         self.announce(object_id)
 
     def pulled(self, object_id, error=None):
@@ -381,7 +388,8 @@ class ObjectDirectory:
             entry.owner_released = True
         elif entry.borrowers:
             entry.borrowers.discard(conn)
-        self.maybe_free(object_id)
+        if entry.ready and not entry.held:
+            self._free(object_id, entry)
 
     def escape(self, object_id):
         entry = self.entries.get(object_id)
@@ -404,7 +412,7 @@ class ObjectDirectory:
         """Delete an object nobody holds; then whatever only it contained."""
         entry = self.entries.get(object_id)
         if entry is not None and entry.ready and not entry.held:
-            self.maybe_free_all((object_id,))
+            self._free(object_id, entry)
 
     def maybe_free_all(self, object_ids):
         pending = list(object_ids)
@@ -413,17 +421,29 @@ class ObjectDirectory:
             entry = self.entries.get(object_id)
             if entry is None or not entry.ready or entry.held:
                 continue                    # (not ready: freed when its value arrives)
-            del self.entries[object_id]
-            if entry.kind == IN_STORE:
-                entry.pin = None
-                self._delete_from_store(object_id)
-            # Another node keeps its primary copy for us, or lends it to us.
-            for peer in (entry.primary_peer, entry.owner_peer):
-                if peer is not None and not peer.closed:
-                    peer.send(("free", [object_id]))
-            pending.extend(self._release_contents(entry))
-            for listener in self.freed_listeners:
-                listener(object_id, entry)
+            pending.extend(self._delete_entry(object_id, entry))
+
+    def _free(self, object_id, entry):
+        """Delete a ready entry nobody holds, then what only it contained
+        (a worklist, not recursion: refs can nest deeply)."""
+        inner_ids = self._delete_entry(object_id, entry)
+        if inner_ids:
+            self.maybe_free_all(inner_ids)
+
+    def _delete_entry(self, object_id, entry):
+        """Delete an entry; return the ids of the refs its value contained."""
+        del self.entries[object_id]
+        if entry.kind == IN_STORE:
+            entry.pin = None
+            self._delete_from_store(object_id)
+        # Another node keeps its primary copy for us, or lends it to us.
+        for peer in (entry.primary_peer, entry.owner_peer):
+            if peer is not None and not peer.closed:
+                peer.send(("free", [object_id]))
+        inner_ids = self._release_contents(entry) if entry.contains else ()
+        for listener in self.freed_listeners:
+            listener(object_id, entry)
+        return inner_ids
 
     def _delete_from_store(self, object_id):
         try:

@@ -75,6 +75,8 @@ class Connection(wire.FramedServerProtocol):
         if (type(message) is not tuple or not message or type(message[0]) is not str
                 or NODE_MANAGER_MESSAGE_LENGTHS.get(message[0]) != len(message)):
             raise wire.ProtocolError(bad_message(message, TO_NODE_MANAGER))
+        if self.closed:
+            return
         peer = self.peer_node
         if peer is None:
             if message[0] in PEER_ONLY:
@@ -139,7 +141,7 @@ class NodeManager:
         self.objects.pull = self.pull_object
         # Off the event loop; it asks (from its thread) which objects are still
         # held, to keep the lineage they may need.
-        self.lineage = LineageLog(node_id, lambda object_id: object_id in self.objects.entries)
+        self.lineage = LineageLog(node_id, self.objects.entries.__contains__)
         self.dispatcher = Dispatcher(resources, self.pool, self.objects,
                                      num_workers or max(1, int(resources.get("CPU", 1))),
                                      self.batcher, gpu_ids)
@@ -345,6 +347,9 @@ class NodeManager:
             if refused is not None:
                 log.warning("refused node %s: %s", address, refused)
                 conn.send(("refused", refused))
+                conn._flush()              # it must hear why before the link closes
+                conn.closed = True
+                conn.transport.close()
                 return
             if known is None:
                 self._send_joined(conn)

@@ -27,13 +27,16 @@ class MalformedSpec(ValueError):
     """A submitted spec that does not describe a task."""
 
 
+_new_tuple = tuple.__new__
+
+
 def parse_spec(spec_type, fields):
     """A TaskSpec or ActorCallSpec from a message's fields, checked."""
-    try:
-        spec = spec_type(*fields)
-    except TypeError:
-        raise MalformedSpec(f"a {spec_type.__name__} has {len(spec_type._fields)} fields, "
-                            f"got {len(fields)}") from None
+    # (what spec_type(*fields) makes, without a Python-level __new__ per task)
+    if type(fields) is not tuple or len(fields) != len(spec_type._fields):
+        raise MalformedSpec(f"a {spec_type.__name__} is a tuple of {len(spec_type._fields)} "
+                            f"fields, got {type(fields).__name__} {fields!r:.80}")
+    spec = _new_tuple(spec_type, fields)
     # Exact type checks: cheap, and what a well-formed (plain-data) spec has.
     if type(spec.task_id) is not bytes or len(spec.task_id) != ids.TASK_ID_SIZE:
         raise MalformedSpec("a task id is 16 bytes")
@@ -49,10 +52,10 @@ def parse_task_spec(fields):
     if not is_valid_request(spec.resources):
         raise MalformedSpec(f"resources must map names to finite amounts >= 0, "
                             f"got {spec.resources!r}")
-    if isinstance(spec.max_calls, bool) or not isinstance(spec.max_calls, int) \
-            or spec.max_calls < 0:
+    # (exact types: a bool is no count, and plain data has no subclasses)
+    if type(spec.max_calls) is not int or spec.max_calls < 0:
         raise MalformedSpec(f"max_calls must be an int >= 0, got {spec.max_calls!r}")
-    if spec.parent_task_id is not None and not isinstance(spec.parent_task_id, bytes):
+    if spec.parent_task_id is not None and type(spec.parent_task_id) is not bytes:
         raise MalformedSpec("parent_task_id must be a task id or None")
     return spec
 
@@ -145,11 +148,13 @@ class TaskManager:
 
     # ------------------------------------------------------------ many nodes
     def _backlogged(self, resources):
-        """Too much waits here already for a task this node could run: it
-        may go to a node with room (bottom-up: local first)."""
-        return (not self.queues.fits(resources)
-                and self.queues.num_ready >= max(1, int(self.queues.total_resources.get("CPU", 1)))
-                and self.cluster.idle_elsewhere(resources))
+        """Tasks wait here for a worker, more per CPU than another node has
+        in flight from us: this one may go there (bottom-up: local first)."""
+        waiting = self.queues.num_ready
+        if not waiting:
+            return False
+        cpus = max(1.0, self.queues.total_resources.get("CPU", 1.0))
+        return self.cluster.idle_elsewhere(resources, waiting / cpus)
 
     def spill(self, task, need_room):
         """Send a task to another node (the cluster view's choice); False if
@@ -219,6 +224,7 @@ class TaskManager:
             self.cluster.task_returned(peer.address)
         self.tasks.pop(task_id, None)
         self.release_args(task.spec.args, task.spec.contained)
+        self._tell_owner_node(task, state)      # a call we passed on for another node
 
     def node_died(self, address):
         """Tasks we sent to a dead node run again elsewhere, or fail."""

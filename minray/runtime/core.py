@@ -54,6 +54,7 @@ class CoreClient:
         self.poller = select.poll()
         self.poller.register(self.sock, select.POLLIN)
         self.buffer = bytearray()
+        self.recv_view = wire.recv_buffer()      # only the reader (self.reading) uses it
         self.send_lock = threading.Lock()
         self.cond = threading.Condition()
         self.reading = False
@@ -264,20 +265,23 @@ class CoreClient:
         # The socket stays in blocking mode (another thread may be sending on
         # it); a timeout is waited for with poll, and a poll-less read uses
         # MSG_DONTWAIT.
+        # Into a buffer kept for it: a fresh 1 MB bytes object per read would
+        # cost an mmap, mremap and munmap each time (glibc's large blocks).
+        view = self.recv_view
         try:
             if timeout is None:
-                chunk = self.sock.recv(1 << 20)
+                received = self.sock.recv_into(view)
             else:
                 if timeout > 0 and not self.poller.poll(timeout * 1000):
                     return False
-                chunk = self.sock.recv(1 << 20, socket.MSG_DONTWAIT)
+                received = self.sock.recv_into(view, 0, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         except OSError as exc:
             self._lost(str(exc))
-        if not chunk:
+        if not received:
             self._lost("the node manager closed the connection")
-        self.buffer += chunk
+        self.buffer += view[:received]
         for payload in wire.split_frames(self.buffer):
             self._process(wire.decode(payload))
         return True

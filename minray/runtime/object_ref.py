@@ -2,7 +2,7 @@
 import threading
 
 from minray.runtime import core
-from minray.serialization import serialize
+from minray.serialization import _custom_serializers, serialize
 
 # While minray serializes a value, the ids of the refs inside it (and of
 # the actors whose handles it holds, minray.ids.actor_handle_id) are
@@ -10,10 +10,16 @@ from minray.serialization import serialize
 # long as the value that contains them (see minray.node_manager.objects).
 _collecting = threading.local()
 
+# Values of these exact types hold no refs (unless a custom serializer was
+# registered for the type): most task results skip the collecting set-up.
+_HOLD_NO_REFS = frozenset({type(None), bool, int, float, complex, str, bytes})
+
 
 def serialize_with_refs(value):
     """serialize(value), and the ids of the ObjectRefs (and counted actor
     handles) found inside it."""
+    if type(value) in _HOLD_NO_REFS and type(value) not in _custom_serializers:
+        return serialize(value), []
     outer = getattr(_collecting, "ids", None)
     _collecting.ids = found = []
     try:

@@ -463,7 +463,10 @@ class Cancellation:
     def __init__(self, executor):
         self.executor = executor
         self.client = executor.client
-        self.cond = threading.Condition(threading.Lock())
+        # begin/end/take run once per task: they take the condition's lock
+        # itself (a C call) rather than the condition (Python-level methods).
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.requested = collections.OrderedDict()   # ids cancelled (some finished already)
         self.running = None        # the plain task the main thread runs now
         self.target = None         # the running task to interrupt
@@ -515,7 +518,7 @@ class Cancellation:
 
     def begin(self, task_id, interruptible):
         """A task starts: False if it was cancelled already (drop it)."""
-        with self.cond:
+        with self.lock:
             if self.requested.pop(task_id, None):
                 return False
             if interruptible and self.executor.concurrency is None:
@@ -524,7 +527,7 @@ class Cancellation:
 
     def end(self, task_id):
         if self.running == task_id:
-            with self.cond:
+            with self.lock:
                 self.running = self.target = None
                 self.client.interrupt_requested = False
 
@@ -535,7 +538,7 @@ class Cancellation:
         """Whether the task was cancelled while it ran (forgetting it)."""
         if task_id not in self.requested:
             return False
-        with self.cond:
+        with self.lock:
             return self.requested.pop(task_id, None) is not None
 
     def _interrupt_pending(self):
