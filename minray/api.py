@@ -351,6 +351,19 @@ def available_resources():
 
 
 def nodes():
+    """The cluster's nodes, alive and dead, as Ray lists them: NodeID, Alive,
+    NodeManagerAddress (its IP), NodeManagerPort, Resources (totals)."""
+    listed = _client().request_info("nodes")
+    if listed is not None:
+        rows = []
+        for node in listed:
+            host, _, port = (node.get("address") or "").rpartition(":")
+            rows.append({"NodeID": node["node_id"], "Alive": bool(node["alive"]),
+                         "NodeManagerAddress": host or None,
+                         "NodeManagerPort": int(port) if port.isdigit() else None,
+                         "Resources": dict(node.get("resources") or {})})
+        return rows
+    # A node manager that does not list its cluster: the control store's table.
     gcs = _runtime_gcs_client()
     if gcs is None:
         raise RuntimeError("minray is not initialized: call minray.init() first")

@@ -206,25 +206,30 @@ def _point_latest(session_dir):
 def find_node_socket(address):
     """(session dir, node manager socket) of a running cluster on this machine.
 
-    `address` is "auto" (the latest session), a session directory, or the
-    control store's "host:port".
+    `address` is "auto" (the latest session), a session directory, or a
+    "host:port": a node manager's (that node, if it runs here, else any node
+    of its cluster on this machine) or the control store's.
     """
     if address == "auto":
         session_dir = latest_session()
     elif os.path.isdir(address):
         session_dir = address
     else:
-        session_dir = _session_of_gcs(address)
+        from minray.node_launcher import find_local_node, parse_address
+        if os.sep in address:
+            raise ConnectionError(f"no minray session directory at {address}")
+        parse_address(address)          # ValueError saying what an address looks like
+        session_dir = find_local_node(address) or _session_of_gcs(address)
     if not os.path.isdir(session_dir):
         raise ConnectionError(
             f"no minray node is running for {address!r} (its session {session_dir} is gone); "
-            "start one with minray.init() in another process first")
+            "start one with `minray start --head`, or minray.init() in another process, first")
     check_private(session_dir, "session directory")
     socket_path = node_socket_path(session_dir)
     if not os.path.exists(socket_path):
         raise ConnectionError(
             f"no minray node is running for {address!r} (no socket at {socket_path}); "
-            "start one with minray.init() in another process first")
+            "start one with `minray start --head`, or minray.init() in another process, first")
     return session_dir, socket_path
 
 
@@ -234,7 +239,7 @@ def latest_session():
     if not os.path.lexists(LATEST_LINK):
         raise ConnectionError(
             f"no minray node is running for 'auto' (no {LATEST_LINK}); "
-            "start one with minray.init() in another process first")
+            "start one with `minray start --head`, or minray.init() in another process, first")
     check_private(SESSION_ROOT, "session root")
     link = os.lstat(LATEST_LINK)
     if not os.path.islink(LATEST_LINK) or link.st_uid != os.getuid():
@@ -261,4 +266,7 @@ def _session_of_gcs(address):
                     return os.path.join(SESSION_ROOT, entry)
         except OSError:
             continue
-    raise ConnectionError(f"no minray cluster on this machine has its control store at {address}")
+    raise ConnectionError(
+        f"no node of the minray cluster at {address} runs on this machine (no node listens "
+        "there and no local node belongs to that cluster, nor is its control store there); "
+        f"join this machine first with `minray start --address {address}`")

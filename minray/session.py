@@ -64,15 +64,19 @@ def check_private(path, what, directory=True):
         f"sockets, so it must be a {wanted} that you own. To fix it, {fix}.")
 
 
-def create_session_dir(session_id=None, root=None):
-    """Create a fresh session directory with its token; return its path."""
+def create_session_dir(session_id=None, root=None, token=None):
+    """Create a fresh session directory with its token; return its path.
+
+    A head makes a new random token; a node joining a cluster passes the
+    cluster's `token` (bytes), so that its own clients and peers prove the same one.
+    """
     root = root or SESSION_ROOT
     os.makedirs(root, mode=0o700, exist_ok=True)
     check_private(root, "session root")
     prune_finished_sessions(root, keep=KEEP_FINISHED_SESSIONS - 1)
     path = os.path.join(root, f"session-{session_id or new_session_id()}")
     os.makedirs(path, mode=0o700)
-    write_token(path, secrets.token_bytes(32))
+    write_token(path, secrets.token_bytes(32) if token is None else token)
     return path
 
 

@@ -693,12 +693,38 @@ class ActorManager:
     def query(self, what):
         """Answers to ("info", ...) requests about actors:
         ("actor", namespace, name) -> (actor_id, class_name, methods) or None;
-        ("namespace", job_id) -> (namespace, anonymous) or None."""
+        ("namespace", job_id) -> (namespace, anonymous) or None;
+        ("actor", namespace or None) -> the live named actors (of every
+        namespace for None) as rows for `minray list names`."""
         if what[0] == "actor" and len(what) == 3:
             return self.lookup(what[1], what[2])
+        if what[0] == "actor" and len(what) == 2:
+            return self.named_rows(what[1])
         if what[0] == "namespace" and len(what) == 2:
             return self.job_namespaces.get(what[1])
         raise ValueError(f"unknown actor query {what!r:.80}")
+
+    def named_rows(self, namespace=None):
+        """Named actors of this node and, on the head, those other nodes
+        registered (the head holds every name of the cluster)."""
+        rows = []
+        for (actor_namespace, name), actor_id in self.names.items():
+            actor = self.actors.get(actor_id)
+            if actor is None or actor.state == DEAD:
+                continue
+            if namespace is None or actor_namespace == namespace:
+                rows.append({"name": name, "namespace": actor_namespace,
+                             "class_name": actor.spec["class_name"], "state": actor.state,
+                             "actor_id": actor_id.hex(), "detached": actor.spec["detached"],
+                             "node": self.objects.address})
+        for (actor_namespace, name), (record, address) in self.remote_names.items():
+            if (namespace is None or actor_namespace == namespace) \
+                    and (actor_namespace, name) not in self.names:
+                # Registered by another node; it releases the name when the actor dies.
+                rows.append({"name": name, "namespace": actor_namespace,
+                             "class_name": record[1], "state": "ALIVE",
+                             "actor_id": record[0].hex(), "detached": None, "node": address})
+        return rows
 
     def _record(self, actor):
         spec = actor.spec
