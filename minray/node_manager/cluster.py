@@ -27,6 +27,9 @@ HEARTBEAT_INTERVAL_S = 0.5
 # Tasks one node may have sent to another and not seen finish, per CPU of the
 # receiving node: enough to keep its workers' pipelines full of short tasks.
 SPILL_CREDITS_PER_CPU = 8
+# Tries (RECONNECT_DELAY_S apart) to reach the head when joining, before the
+# node gives up: nothing listens at that address.
+JOIN_CONNECT_ATTEMPTS = 10
 
 
 def node_timeout_s():
@@ -210,6 +213,19 @@ class ClusterView:
     def on_joined(self, info):
         if not self.joined.done():
             self.joined.set_result(info)
+
+    def link_failed(self, peer, reason, final, attempts):
+        """A connection to a node failed. While joining, the head's failures
+        end the join: at once if retrying can't help, or after a few tries
+        (no head listens there)."""
+        if self.is_head or peer.address != self.head_address or self.joined is None \
+                or self.joined.done():
+            return
+        if final:
+            self.joined.set_exception(ConnectionRefusedError(reason))
+        elif attempts >= JOIN_CONNECT_ATTEMPTS:
+            self.joined.set_exception(ConnectionRefusedError(
+                f"no head answers there ({reason}, {attempts} tries)"))
 
     def on_refused(self, reason):
         if not self.joined.done():

@@ -72,15 +72,24 @@ class Peer:
     async def _connect(self):
         loop = asyncio.get_running_loop()
         host, port = parse_address(self.address)
+        failures = 0
         while not self.closed:
             try:
                 sock, key = await loop.run_in_executor(
                     None, wire.connect_with_key, (host, port), self.table.token)
                 transport, link = await loop.create_connection(
                     lambda: self.table.link_factory(self, key), sock=sock)
-            except (OSError, wire.AuthenticationError, wire.ProtocolError) as exc:
-                if isinstance(exc, wire.AuthenticationError):
-                    log.error("node %s refused our token: %s", self.address, exc)
+            except (wire.AuthenticationError, wire.ProtocolError) as exc:
+                # Another cluster's node, or another minray version: retrying
+                # can't help.
+                log.error("node %s refused the connection: %s", self.address, exc)
+                self.connecting = False
+                self.table.link_failed(self, str(exc), final=True)
+                return
+            except OSError as exc:
+                failures += 1
+                self.table.link_failed(self, f"{type(exc).__name__}: {exc}", final=False,
+                                       attempts=failures)
                 await asyncio.sleep(RECONNECT_DELAY_S)
                 continue
             link.send(("hello", "node", self.table.hello_info))
@@ -122,6 +131,13 @@ class PeerTable:
         self.link_factory = link_factory
         self.hello_info = hello_info      # what we tell a node we connect to
         self.peers = {}
+        # (peer, reason, final, attempts) -> None: a connection could not be
+        # made (final: retrying can't help)
+        self.on_link_failed = None
+
+    def link_failed(self, peer, reason, final, attempts=1):
+        if self.on_link_failed is not None:
+            self.on_link_failed(peer, reason, final, attempts)
 
     def get(self, address):
         peer = self.peers.get(address)

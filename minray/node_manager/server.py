@@ -225,6 +225,7 @@ class NodeManager:
                                    self.lineage, self.node_died)
         self.cluster.load = self.load
         self.cluster.on_head_lost = lambda: self.stopping.set()
+        self.peers.on_link_failed = self.cluster.link_failed
         self.tasks.cluster, self.tasks.peers = self.cluster, self.peers
         self.actors.cluster, self.actors.peers = self.cluster, self.peers
         return tcp_server
@@ -433,8 +434,8 @@ class NodeManager:
     def _log_job(self, conn, info, state):
         """Every driver is a job, recorded in the control store's jobs table."""
         job_id = info.get("job_id")
-        if not isinstance(job_id, bytes):
-            return
+        if not isinstance(job_id, bytes) or info.get("tool"):
+            return                  # (minray status / list connect as drivers too)
         conn.job_info = info
         record = {"state": state, "driver_pid": info.get("pid"), "node": self.address,
                   "namespace": info.get("namespace")}
@@ -558,6 +559,9 @@ def run_node_manager(session_dir, node_id, resources, store_capacity, token, con
                           head_address)
     try:
         asyncio.run(manager.run(ready_path, parent_pid, connect_gcs))
+    except JoinError:
+        manager.shutdown()          # (its one line is logged by the caller)
+        raise
     except Exception:
         log.exception("the node manager failed")
         manager.shutdown()
