@@ -1,5 +1,6 @@
 """Several node managers on this machine (loopback addresses 127.0.0.x), used
 through the public API as a user of a cluster would."""
+import collections
 import os
 import signal
 import subprocess
@@ -109,10 +110,13 @@ def test_cpu_tasks_spread_over_nodes(cluster):
 
     @minray.remote
     def slow():
-        time.sleep(0.3)
+        time.sleep(0.1)
         return minray.get_runtime_context().get_node_id()
 
-    assert len(set(minray.get([slow.remote() for _ in range(8)]))) == 2
+    # Submitted at once, most first queue on the driver's node; as the other
+    # node finishes what it was sent, it is sent more of them.
+    counts = collections.Counter(minray.get([slow.remote() for _ in range(24)]))
+    assert len(counts) == 2 and min(counts.values()) >= 6, counts
 
 
 def test_actor_on_one_node_called_from_tasks_on_another(cluster):

@@ -87,6 +87,7 @@ class ClusterView:
         self.dead_addresses = set()
         self.in_flight = {}                # address -> our tasks running or queued there
         self.on_head_lost = None           # () -> None: a node whose head is gone stops
+        self.rebalance = None              # () -> None: move queued tasks to nodes with room
         self.heard_from_head = time.monotonic()
 
     # ------------------------------------------------------------ both sides
@@ -104,6 +105,8 @@ class ClusterView:
     async def _heartbeats(self):
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            if self.rebalance is not None:
+                self.rebalance()
             if self.is_head:
                 self._update(self.own, self._load_fields())
                 self._check_timeouts()
@@ -291,6 +294,31 @@ class ClusterView:
         if best is not None:
             self.in_flight[best.address] = self.in_flight.get(best.address, 0) + 1
         return best
+
+    def took_credit(self, address):
+        self.in_flight[address] = self.in_flight.get(address, 0) + 1
+
+    def nodes_with_room(self, addresses=None):
+        """Live nodes (among `addresses`) with credit left for our tasks."""
+        for node in self.alive_nodes():
+            if node is self.own or (addresses is not None and node.address not in addresses):
+                continue
+            cpus = max(1.0, (node.resources or {}).get("CPU", 1.0))
+            if self.in_flight.get(node.address, 0) < cpus * SPILL_CREDITS_PER_CPU:
+                yield node
+
+    def movable_shape(self, node, ready_counts, local_load):
+        """A resource shape of ready tasks here that could go to `node` now
+        (it fits the node, the node has credit, and it has fewer of our tasks
+        per CPU than wait here), or None."""
+        cpus = max(1.0, (node.resources or {}).get("CPU", 1.0))
+        in_flight = self.in_flight.get(node.address, 0)
+        if in_flight >= cpus * SPILL_CREDITS_PER_CPU or in_flight / cpus >= local_load:
+            return None
+        for shape, count in ready_counts.items():
+            if count and _fits(node.resources or {}, dict(shape)):
+                return shape
+        return None
 
     def task_returned(self, address):
         count = self.in_flight.get(address, 0) - 1

@@ -226,6 +226,7 @@ class NodeManager:
         self.cluster.load = self.load
         self.cluster.on_head_lost = lambda: self.stopping.set()
         self.peers.on_link_failed = self.cluster.link_failed
+        self.cluster.rebalance = self.tasks.rebalance
         self.tasks.cluster, self.tasks.peers = self.cluster, self.peers
         self.actors.cluster, self.actors.peers = self.cluster, self.peers
         return tcp_server

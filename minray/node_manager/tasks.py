@@ -165,7 +165,11 @@ class TaskManager:
                                       exclude=(self.objects.address,), need_room=need_room)
         if node is None:
             return False
-        peer = self.peers.get(node.address)
+        self._send_to(task, self.peers.get(node.address), held)
+        return True
+
+    def _send_to(self, task, peer, held):
+        spec = task.spec
         if spec.function_id not in peer.functions:       # its code, once per node
             peer.functions.add(spec.function_id)
             peer.send(("fn", spec.function_id, self.dispatcher.functions.get(spec.function_id),
@@ -173,7 +177,33 @@ class TaskManager:
         arg_owners = {object_id: self.objects.owner_address(object_id) for object_id in held}
         peer.send(("run", tuple(spec), arg_owners, self.objects.address))
         self.spilled[task.task_id] = (task, peer, True)
-        return True
+
+    def rebalance(self, addresses=None):
+        """Tasks queued here while other nodes had no room: now that a node
+        has room again (a task it ran for us finished, or a heartbeat), send
+        it some of them, as long as more wait here per CPU than it has in
+        flight from us. Only ready tasks submitted here move (never one another
+        node sent us), and only to nodes that fit them."""
+        queues = self.queues
+        if not queues.num_ready or self.cluster is None:
+            return
+        cpus = max(1.0, queues.total_resources.get("CPU", 1.0))
+        for node in self.cluster.nodes_with_room(addresses):
+            while queues.num_ready:
+                shape = self.cluster.movable_shape(node, queues.ready_counts(),
+                                                   queues.num_ready / cpus)
+                if shape is None:
+                    break
+                task = queues.pop_shape(shape)
+                if task.extra is not None or task.owner is None or task.owner.role == "node":
+                    # Failed or cancelled meanwhile, or run here for another
+                    # node (which decided where it runs): it stays; so do the
+                    # tasks behind it, this round.
+                    queues.push_ready(task, front=True)
+                    return
+                self.cluster.took_credit(node.address)
+                self._send_to(task, self.peers.get(node.address),
+                              held_ids(task.spec.args, task.spec.contained))
 
     def _arg_bytes(self, held):
         """Bytes of a task's stored arguments on each node that has them."""
@@ -222,6 +252,8 @@ class TaskManager:
         task, _, credit = found
         if credit:
             self.cluster.task_returned(peer.address)
+            if self.queues.num_ready:
+                self.rebalance((peer.address,))
         self.tasks.pop(task_id, None)
         self.release_args(task.spec.args, task.spec.contained)
         self._tell_owner_node(task, state)      # a call we passed on for another node
