@@ -231,7 +231,6 @@ def test_two_drivers_share_a_cluster(cluster):
 
 def test_a_node_of_another_version_is_refused(cluster, tmp_path):
     from minray.session import read_token, write_token
-    from minray.spawn import python_argv
     head_session = cluster.head_node.session_dir
     session = tmp_path / "session"
     session.mkdir(mode=0o700)

@@ -266,6 +266,13 @@ class ObjectDirectory:
             return owner.address
         return self.address
 
+    def adopt_foreign(self, owners, peers):
+        """Entries for the refs a message from another node carries that this
+        node does not know: {object_id: owner address}."""
+        for object_id, address in owners.items():
+            if address != self.address and object_id not in self.entries:
+                self.add_foreign(object_id, peers.get(address))
+
     def add_foreign(self, object_id, owner_peer):
         """An entry for an object another node owns, which something here
         needs: we borrow it from its owner and wait for its value."""
@@ -288,9 +295,7 @@ class ObjectDirectory:
             return
         if entry.ready and entry.kind != LOCATED and kind == LOCATED:
             return                            # we have it already (pulled before)
-        for inner_id, owner_address in contained_owners:
-            if inner_id not in self.entries and owner_address != self.address:
-                self.add_foreign(inner_id, peers.get(owner_address))
+        self.adopt_foreign(dict(contained_owners), peers)
         ours = entry.owner_peer is None
         self.set_ready(object_id, kind, meta, payload,
                        contained=[inner for inner, _ in contained_owners])

@@ -118,10 +118,7 @@ class TaskManager:
             if existing is not None:
                 existing.owner = conn
             return
-        retries = UNLIMITED_RETRIES if spec.max_retries == -1 else spec.max_retries
-        task = Task(spec.task_id, spec, spec.resources, retries, conn)
-        self.tasks[spec.task_id] = task
-        failed, missing = self.claim_args(spec.args, spec.contained, f"task {spec.name}")
+        task, failed, missing = self._register(spec, conn)
         if failed is not None:
             self.fail(task, *failed_argument_object(spec.name, *failed))
             return
@@ -136,6 +133,15 @@ class TaskManager:
         self.queues.add(task, missing)
         if not missing:
             self.dispatcher.schedule()
+
+    def _register(self, spec, owner):
+        """A new Task for a spec, holding its arguments: (task, failure, missing)
+        as claim_args returns them."""
+        retries = UNLIMITED_RETRIES if spec.max_retries == -1 else spec.max_retries
+        task = Task(spec.task_id, spec, spec.resources, retries, owner)
+        self.tasks[spec.task_id] = task
+        failed, missing = self.claim_args(spec.args, spec.contained, f"task {spec.name}")
+        return task, failed, missing
 
     def fail_unschedulable(self, task):
         spec = task.spec
@@ -225,15 +231,10 @@ class TaskManager:
         if spec.task_id in self.tasks:
             return                            # sent again: it runs already
         objects = self.objects
-        for object_id, address in arg_owners.items():
-            if address != objects.address and objects.get(object_id) is None:
-                objects.add_foreign(object_id, self.peers.get(address))
+        objects.adopt_foreign(arg_owners, self.peers)
         for index in range(1, spec.num_returns + 1):
             objects.expect(ids.return_object_id(spec.task_id, index), owner)
-        retries = UNLIMITED_RETRIES if spec.max_retries == -1 else spec.max_retries
-        task = Task(spec.task_id, spec, spec.resources, retries, owner)
-        self.tasks[spec.task_id] = task
-        failed, missing = self.claim_args(spec.args, spec.contained, f"task {spec.name}")
+        task, failed, missing = self._register(spec, owner)
         if failed is not None:
             self.fail(task, *failed_argument_object(spec.name, *failed))
         elif not self.queues.feasible(spec.resources):

@@ -1,0 +1,187 @@
+"""Actors across nodes: the part of the actor manager that talks to other
+node managers (a mixin of minray.node_manager.actors.ActorManager).
+
+An actor that does not fit this node (its resources are not here, or not
+free while another node has room) is created on another node chosen by the
+cluster view; this node remembers where (`remote`) and sends it the actor's
+calls and kill. The hosting node sees this node as the actor's owner and as
+the caller of every call sent from here (one FIFO for all of them, so each
+caller's order holds). A node that holds a handle of an actor created
+elsewhere sends its calls to the node that owns the handle, which passes
+them on.
+
+Names are unique in the whole cluster: the head keeps the names of actors
+created on other nodes, (namespace, name) -> (record, address of the
+creating node); other nodes claim, look up and release names there ("name"
+requests, answered with "name_reply").
+"""
+from minray import ids
+from minray.exceptions import ActorDiedError
+from minray.node_manager.objects import error_object
+
+PENDING, ALIVE, RESTARTING, DEAD = "PENDING", "ALIVE", "RESTARTING", "DEAD"
+
+
+class ActorsAcrossNodes:
+    """Methods of ActorManager for actors placed, called and named across
+    nodes; they use its attributes (actors, names, remote, remote_names,
+    cluster, peers, objects, dispatcher, tasks)."""
+
+    def _place_elsewhere(self, actor, needed):
+        """Create the actor on another node if it does not fit here; True if so."""
+        cluster = self.cluster
+        if cluster is None or len(cluster.nodes) < 2:
+            return False
+        queues = self.dispatcher.queues
+        if queues.feasible(needed) and (self._fits_after_unplaced(needed)
+                                        or not cluster.room_elsewhere(needed)):
+            return False
+        node = cluster.pick_node_for_actor(needed, (self.objects.address,),
+                                           need_room=queues.feasible(needed))
+        if node is None:
+            return False
+        peer = self.peers.get(node.address)
+        spec = actor.spec
+        if spec["class_id"] not in peer.functions:
+            peer.functions.add(spec["class_id"])
+            peer.send(("fn", spec["class_id"], self.dispatcher.functions.get(spec["class_id"]),
+                       spec["class_name"]))
+        held = [a[1] for a in spec["args"] if a[0] == "r"] + list(spec["contained"])
+        arg_owners = {object_id: self.objects.owner_address(object_id) for object_id in held}
+        peer.send(("create", spec, arg_owners))
+        self.remote[actor.actor_id] = peer
+        actor.state = ALIVE
+        actor.host = node.address
+        # Our handles entry stands for the hosting node's: freeing it frees that.
+        self.objects.get(ids.actor_handle_id(actor.actor_id)).primary_peer = peer
+        return True
+
+    def _fits_after_unplaced(self, needed):
+        """Whether this node has room for `needed` once the actors already
+        waiting here to be placed have theirs."""
+        total = dict(needed)
+        for actor in self.unplaced:
+            for source in (actor.resources, actor.placement):
+                for name, amount in source.items():
+                    total[name] = total.get(name, 0.0) + amount
+        return self.dispatcher.queues.fits(total)
+
+    def on_create_forwarded(self, owner, spec, arg_owners):
+        """Another node asks us to host an actor created there."""
+        self.objects.adopt_foreign(arg_owners, self.peers)
+        self.on_create(owner, spec, 0)
+
+    def on_call_forwarded(self, caller, fields, arg_owners):
+        """A call of an actor we host, or know the host of, from another node."""
+        self.objects.adopt_foreign(arg_owners, self.peers)
+        self.on_call(caller, fields)
+
+    def _forward_call(self, peer, spec):
+        held = [a[1] for a in spec.args if a[0] == "r"] + list(spec.contained)
+        arg_owners = {object_id: self.objects.owner_address(object_id) for object_id in held}
+        peer.send(("call", tuple(spec), arg_owners))
+
+    def _host_of(self, actor_id):
+        """The peer to send a call of an actor not hosted here, or None."""
+        peer = self.remote.get(actor_id)
+        if peer is not None:
+            return peer
+        handles = self.objects.get(ids.actor_handle_id(actor_id))
+        if handles is not None and handles.owner_peer is not None:
+            return handles.owner_peer          # the node that created it passes it on
+        return None
+
+    def _forget_remote(self, actor, why=None):
+        """An actor we created on another node is gone (killed, or its node died)."""
+        actor.state = DEAD
+        actor.death = error_object(ActorDiedError(why or (
+            f"actor {actor.spec['class_name']} was killed with minray.kill")))
+        self._let_go(actor)
+        self.tasks.release_args(actor.spec["args"], actor.spec["contained"])
+
+    def node_died(self, address):
+        """Actors we placed on a dead node are dead (restarting them elsewhere
+        belongs to lineage reconstruction)."""
+        for actor_id, peer in list(self.remote.items()):
+            if peer.address == address:
+                del self.remote[actor_id]
+                actor = self.actors.get(actor_id)
+                if actor is not None and actor.state != DEAD:
+                    self._forget_remote(actor, f"actor {actor.spec['class_name']} died: its "
+                                               f"node {address} died")
+
+    def _asks_head(self):
+        return self.cluster is not None and not self.cluster.is_head
+
+    def _ask_head(self, pending, what, key, record=None):
+        self.next_name_request += 1
+        self.name_requests[self.next_name_request] = pending
+        self.peers.get(self.cluster.head_address).send(
+            ("name", self.next_name_request, what, list(key), record))
+
+    def on_name_request(self, peer, number, what, key, record):
+        """On the head: a node claims, looks up or releases a name."""
+        key = tuple(key)
+        if what == "release":
+            found = self.remote_names.get(key)
+            if found is not None and found[0][0] == record:
+                del self.remote_names[key]
+            return
+        existing = self._find_name(key)
+        if what == "claim" and existing is None:
+            self.remote_names[key] = (tuple(record), peer.address)
+        peer.send(("name_reply", number, existing))
+
+    def _find_name(self, key):
+        """(record, address of the node that created it) of a named actor, or None."""
+        found = self.lookup(*key)
+        if found is not None:
+            return found, self.objects.address
+        remote = self.remote_names.get(key)
+        return (remote[0], remote[1]) if remote is not None else None
+
+    def on_name_reply(self, peer, number, existing):
+        pending = self.name_requests.pop(number, None)
+        if pending is None:
+            return
+        if existing is not None:
+            record, address = existing
+            if address != self.objects.address:
+                self.remote.setdefault(record[0], self.peers.get(address))
+            existing = tuple(record)
+        if pending[0] == "lookup":
+            _, conn, request_id = pending
+            conn.send(("info", request_id, existing))
+            return
+        _, conn, spec, request_id = pending
+        if existing is None:
+            self._create(conn, spec, request_id)
+        elif spec.get("get_if_exists"):
+            conn.send(("info", request_id, existing))
+        else:
+            conn.send(("info", request_id, self._name_taken(spec["name"], spec["namespace"])))
+
+    def lookup_anywhere(self, conn, request_id, namespace, name):
+        """get_actor: this node's names, else the head's (answered later)."""
+        found = self.lookup(namespace, name)
+        if found is None and self.cluster is not None:
+            if self._asks_head():
+                self._ask_head(("lookup", conn, request_id), "lookup", (namespace, name))
+                return
+            remote = self.remote_names.get((namespace, name))
+            if remote is not None:
+                record, address = remote
+                self.remote.setdefault(record[0], self.peers.get(address))
+                found = record
+        conn.send(("info", request_id, found))
+
+    def _release_name(self, actor):
+        key = actor.registered_name
+        if key is not None and self._asks_head():
+            self._ask_head(None, "release", key, actor.actor_id)
+
+    @staticmethod
+    def _name_taken(name, namespace):
+        return (f"The name {name!r} is already taken by another actor in namespace "
+                f"{namespace!r}: pick another name, or reach that actor with "
+                f"minray.get_actor({name!r}, namespace={namespace!r})")
