@@ -3,9 +3,11 @@
 
 A task enters with the ids of the objects it still waits for. It is parked
 under each of them; when the last one becomes available it moves to the ready
-queue of its resource shape (one FIFO per distinct resource request, so a task
-waiting for a GPU never holds up CPU tasks behind it). Dispatch takes ready
-tasks round-robin across shapes whose request fits the free resources.
+queue of its shape: its job and its resource request (one FIFO per job and
+distinct request, so a task waiting for a GPU never holds up CPU tasks behind
+it, and one driver's backlog never holds up another driver's tasks).
+Dispatch takes ready tasks round-robin across shapes whose request fits the
+free resources, which shares the node fairly between jobs.
 """
 from collections import deque
 
@@ -16,12 +18,18 @@ def resource_shape(dict resources):
     return tuple(sorted(resources.items()))
 
 
+def shape_resources(tuple shape):
+    """The resource request of a task shape (its job id left out)."""
+    return dict(shape[1:])
+
+
 cdef class Task:
     def __init__(self, bytes task_id, spec, dict resources, int retries_left=0, owner=None):
         self.task_id = task_id
         self.spec = spec
         self.resources = resources
-        self.shape = resource_shape(resources)
+        # The job (the task id's first bytes, minray.ids) and the request.
+        self.shape = (task_id[:4],) + resource_shape(resources)
         self.missing = 0
         self.retries_left = retries_left
         self.owner = owner

@@ -20,6 +20,7 @@ import os
 import time
 
 from minray import __version__
+from minray._core.scheduler import shape_resources
 
 log = logging.getLogger("minray.node_manager")
 
@@ -316,7 +317,7 @@ class ClusterView:
         if in_flight >= cpus * SPILL_CREDITS_PER_CPU or in_flight / cpus >= local_load:
             return None
         for shape, count in ready_counts.items():
-            if count and _fits(node.resources or {}, dict(shape)):
+            if count and _fits(node.resources or {}, shape_resources(shape)):
                 return shape
         return None
 

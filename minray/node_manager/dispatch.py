@@ -147,7 +147,13 @@ class Dispatcher:
             worker.conn.send(("tasks", dispatches))
 
     def _pipeline(self, batches):
-        """Queue more short and medium tasks of the same shape on busy workers."""
+        """Queue more short and medium tasks of the same shape on busy workers.
+
+        Only while one shape has tasks waiting: otherwise (another job's
+        tasks, or other requests, wait too) workers are left to run dry and
+        go back to the round-robin, so no job's backlog keeps a worker."""
+        if sum(1 for queue in self.queues.ready_counts().values() if queue) > 1:
+            return
         for worker in self.pool.workers.values():
             if (worker.blocked or worker.lease_shape is None or worker.actor is not None
                     or worker.retiring):
