@@ -102,3 +102,28 @@ def test_import_minray_loads_nothing_heavy():
         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_arenas_of_killed_sessions_are_removed_at_the_next_start(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from minray.session import create_session_dir, remove_orphaned_arenas
+    root, shm = tmp_path / "root", tmp_path / "shm"
+    shm.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    sessions = {}
+    for label, pid in (("dead", dead.pid), ("alive", os.getpid()), ("starting", None)):
+        session = create_session_dir(root=str(root))
+        if pid is not None:
+            with open(os.path.join(session, "node.json"), "w") as f:
+                json.dump({"pid": pid}, f)
+        arena = shm / f"minray-{os.path.basename(session)}-0011aabb"
+        arena.write_bytes(b"\0" * 16)
+        sessions[label] = arena
+    foreign = shm / "minray-session-20000101-000000-1-abcdef-0011aabb"   # not in this root
+    foreign.write_bytes(b"\0")
+    remove_orphaned_arenas(str(root), shm_dir=str(shm))
+    assert not sessions["dead"].exists()
+    assert sessions["alive"].exists() and sessions["starting"].exists() and foreign.exists()

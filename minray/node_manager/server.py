@@ -42,10 +42,9 @@ from minray.protocol import (
     IN_STORE, NODE_MANAGER_MESSAGE_LENGTHS, PEER_ONLY, REQUEST_ID_FIELD, TO_NODE_MANAGER,
     bad_message,
 )
-from minray.session import node_socket_path
+from minray.session import NODE_FILE, node_socket_path
 
 JOIN_TIMEOUT_S = 30.0
-NODE_FILE = "node.json"
 
 
 class JoinError(RuntimeError):
