@@ -73,6 +73,10 @@ class LocalCluster:
         self.process = None
 
     def start(self):
+        # Sessions whose node manager was killed (-9) left their arena in
+        # /dev/shm: a new session is when to notice and remove them.
+        from minray.node_launcher import clean_stale_sessions  # (it imports this module)
+        clean_stale_sessions(include_embedded=True)
         self.session_dir = create_session_dir()
         _point_latest(self.session_dir)
         logs = os.path.join(self.session_dir, LOGS_DIR)

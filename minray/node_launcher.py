@@ -24,12 +24,11 @@ from minray.local_cluster import (
     LATEST_LINK, START_TIMEOUT_S, LocalCluster, _point_latest, _remove_arenas,
 )
 from minray.session import (
-    LOGS_DIR, SESSION_ROOT, TOKEN_FILE, UnsafeSessionPathError, check_private,
+    LOGS_DIR, NODE_FILE, SESSION_ROOT, TOKEN_FILE, UnsafeSessionPathError, check_private,
     create_session_dir, read_token, retire_session_dir,
 )
 from minray.spawn import log_tail, python_argv, startup_env
 
-NODE_INFO_FILE = "node.json"
 # The launcher's own record of the process it started, written before the
 # node manager is ready, so that `minray stop` finds a node stuck in startup.
 LAUNCH_FILE = "launched.json"
@@ -127,6 +126,7 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
                           object_store_memory=object_store_memory,
                           num_gcs_shards=num_gcs_shards, log_to_driver=False, memory=memory,
                           num_workers=num_workers)
+    clean_stale_sessions(include_embedded=True)
     session_dir = create_session_dir(token=None if head else token)
     logs = os.path.join(session_dir, LOGS_DIR)
     os.makedirs(logs, mode=0o700, exist_ok=True)
@@ -176,7 +176,7 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
         socket_path = f.read().strip()
     # node.json is written before the ready file; this wait only covers a
     # node manager that wrote them in the other order.
-    info_path = os.path.join(session_dir, NODE_INFO_FILE)
+    info_path = os.path.join(session_dir, NODE_FILE)
     while not os.path.exists(info_path) and process.poll() is None \
             and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -231,7 +231,7 @@ def _node_from_session(session_dir, socket_path, pid):
 def read_node_info(session_dir):
     """The node.json a node manager wrote when ready, or None."""
     try:
-        with open(os.path.join(session_dir, NODE_INFO_FILE)) as f:
+        with open(os.path.join(session_dir, NODE_FILE)) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
@@ -342,17 +342,21 @@ def stop_node(node, force=False, grace_s=STOP_GRACE_S):
     return was_running
 
 
-def clean_stale_sessions():
+def clean_stale_sessions(include_embedded=False):
     """Clean up after nodes started here whose node manager is gone (killed,
-    or crashed): their session (the logs stay) and arena. Returns how many."""
+    or crashed): their session (the logs stay) and arena. With
+    include_embedded, also the clusters drivers started with init() whose
+    node manager is gone (a node manager killed with -9 can't remove its
+    own arena). Returns how many."""
     cleaned = 0
     for session_dir in local_sessions():
         if not os.path.exists(os.path.join(session_dir, TOKEN_FILE)):
             continue
-        launched = _launch_info(session_dir)
-        if launched is None:
-            continue                        # not ours: a driver's embedded cluster
-        info = read_node_info(session_dir) or launched
+        info = read_node_info(session_dir) or _launch_info(session_dir)
+        if info is None:
+            continue                        # a driver's cluster still starting
+        if info.get("embedded") and not include_embedded:
+            continue
         if not _is_node_manager(info.get("pid"), session_dir):
             _clean_session(session_dir)
             cleaned += 1

@@ -74,7 +74,6 @@ def create_session_dir(session_id=None, root=None, token=None):
     os.makedirs(root, mode=0o700, exist_ok=True)
     check_private(root, "session root")
     prune_finished_sessions(root, keep=KEEP_FINISHED_SESSIONS - 1)
-    remove_orphaned_arenas(root)
     path = os.path.join(root, f"session-{session_id or new_session_id()}")
     os.makedirs(path, mode=0o700)
     write_token(path, secrets.token_bytes(32) if token is None else token)
@@ -115,45 +114,8 @@ def prune_finished_sessions(root, keep=KEEP_FINISHED_SESSIONS):
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-SHM_DIR = "/dev/shm"
+# What a node manager writes in its session directory once ready (address, pid, ...).
 NODE_FILE = "node.json"
-
-
-def remove_orphaned_arenas(root, shm_dir=SHM_DIR):
-    """Remove the object-store arenas of sessions under `root` whose node
-    manager is gone without removing its own (killed with -9): the session
-    finished (its token is gone), or its node.json names a process that no
-    longer exists. Arenas of sessions this root does not hold, or whose node
-    manager is starting or alive, are left alone."""
-    import json
-    try:
-        names = [n for n in os.listdir(shm_dir) if n.startswith("minray-session-")]
-    except OSError:
-        return
-    for name in names:
-        path = os.path.join(shm_dir, name)
-        session_dir = os.path.join(root, name[len("minray-"):name.rfind("-")])
-        try:
-            if os.stat(path).st_uid != os.getuid() or not os.path.isdir(session_dir):
-                continue
-            if os.path.exists(os.path.join(session_dir, TOKEN_FILE)):
-                with open(os.path.join(session_dir, NODE_FILE)) as f:
-                    pid = json.load(f)["pid"]
-                if _process_exists(pid):
-                    continue
-            os.unlink(path)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue        # starting (no node.json yet), unreadable, or gone already
-
-
-def _process_exists(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_token(session_dir, token):
