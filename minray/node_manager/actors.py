@@ -54,7 +54,6 @@ class ActorState:
         self.missing = 0                  # constructor arguments not ready yet
         self.held = None                  # resources held while placed
         self.released = False             # nothing holds its handles any more
-        self.host = None                  # address of the node hosting it, if not this one
 
     @property
     def resources(self):

@@ -51,7 +51,6 @@ class ActorsAcrossNodes:
         peer.send(("create", spec, arg_owners))
         self.remote[actor.actor_id] = peer
         actor.state = ALIVE
-        actor.host = node.address
         # Our handles entry stands for the hosting node's: freeing it frees that.
         self.objects.get(ids.actor_handle_id(actor.actor_id)).primary_peer = peer
         return True

@@ -109,7 +109,7 @@ class ClusterView:
             if self.rebalance is not None:
                 self.rebalance()
             if self.is_head:
-                self._update(self.own, self._load_fields())
+                self.update_own(self._load_fields())
                 self._check_timeouts()
                 self.broadcast()
             else:
@@ -130,6 +130,9 @@ class ClusterView:
                 setattr(info, name, load[name])
         info.last_heard = time.monotonic()
 
+    def update_own(self, load):
+        self._update(self.own, load)
+
     def alive_nodes(self):
         return [n for n in self.nodes.values() if n.alive]
 
@@ -145,9 +148,6 @@ class ClusterView:
             for name, amount in (node.available or node.resources or {}).items():
                 available[name] = available.get(name, 0.0) + amount
         return total, available
-
-    def feasible_anywhere(self, resources):
-        return any(_fits(node.resources or {}, resources) for node in self.alive_nodes())
 
     # ------------------------------------------------------------ head side
     def on_hello(self, conn, info):
@@ -266,9 +266,6 @@ class ClusterView:
             del self.peers.peers[address]
         self.on_node_died(address)
 
-    def is_dead(self, address):
-        return address in self.dead_addresses
-
     # ------------------------------------------------------------ global scheduler
     def pick_node(self, resources, arg_bytes=None, exclude=(), need_room=True):
         """The live node to send a task to, or None.
@@ -283,18 +280,22 @@ class ClusterView:
         for node in self.alive_nodes():
             if node.address in exclude or not _fits(node.resources or {}, resources):
                 continue
-            cpus = max(1.0, (node.resources or {}).get("CPU", 1.0))
-            in_flight = self.in_flight.get(node.address, 0)
-            room = cpus * SPILL_CREDITS_PER_CPU - in_flight
-            if need_room and room < 1:
+            if need_room and not self._has_credit(node):
                 continue
-            load = (in_flight + (node.ready or 0)) / cpus
+            load = self._in_flight_per_cpu(node) + (node.ready or 0) / _cpus(node)
             key = ((arg_bytes or {}).get(node.address, 0), -load)
             if best_key is None or key > best_key:
                 best, best_key = node, key
         if best is not None:
-            self.in_flight[best.address] = self.in_flight.get(best.address, 0) + 1
+            self.took_credit(best.address)
         return best
+
+    def _in_flight_per_cpu(self, node):
+        return self.in_flight.get(node.address, 0) / _cpus(node)
+
+    def _has_credit(self, node):
+        """Fewer of our tasks in flight there than SPILL_CREDITS_PER_CPU per CPU."""
+        return self._in_flight_per_cpu(node) < SPILL_CREDITS_PER_CPU
 
     def took_credit(self, address):
         self.in_flight[address] = self.in_flight.get(address, 0) + 1
@@ -304,17 +305,14 @@ class ClusterView:
         for node in self.alive_nodes():
             if node is self.own or (addresses is not None and node.address not in addresses):
                 continue
-            cpus = max(1.0, (node.resources or {}).get("CPU", 1.0))
-            if self.in_flight.get(node.address, 0) < cpus * SPILL_CREDITS_PER_CPU:
+            if self._has_credit(node):
                 yield node
 
     def movable_shape(self, node, ready_counts, local_load):
         """A resource shape of ready tasks here that could go to `node` now
         (it fits the node, the node has credit, and it has fewer of our tasks
         per CPU than wait here), or None."""
-        cpus = max(1.0, (node.resources or {}).get("CPU", 1.0))
-        in_flight = self.in_flight.get(node.address, 0)
-        if in_flight >= cpus * SPILL_CREDITS_PER_CPU or in_flight / cpus >= local_load:
+        if not self._has_credit(node) or self._in_flight_per_cpu(node) >= local_load:
             return None
         for shape, count in ready_counts.items():
             if count and _fits(node.resources or {}, shape_resources(shape)):
@@ -355,14 +353,13 @@ class ClusterView:
         """Whether another live node could take one more of our tasks now:
         it has credit left, and fewer of our tasks per CPU than `local_load`
         (tasks waiting here per CPU)."""
-        for node in self.alive_nodes():
-            if node is self.own or not _fits(node.resources or {}, resources):
-                continue
-            cpus = max(1.0, (node.resources or {}).get("CPU", 1.0))
-            in_flight = self.in_flight.get(node.address, 0)
-            if in_flight < cpus * SPILL_CREDITS_PER_CPU and in_flight / cpus < local_load:
-                return True
-        return False
+        return any(node is not self.own and _fits(node.resources or {}, resources)
+                   and self._has_credit(node) and self._in_flight_per_cpu(node) < local_load
+                   for node in self.alive_nodes())
+
+
+def _cpus(node):
+    return max(1.0, (node.resources or {}).get("CPU", 1.0))
 
 
 def _fits(available, request):

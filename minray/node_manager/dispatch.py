@@ -152,7 +152,7 @@ class Dispatcher:
         Only while one shape has tasks waiting: otherwise (another job's
         tasks, or other requests, wait too) workers are left to run dry and
         go back to the round-robin, so no job's backlog keeps a worker."""
-        if sum(1 for queue in self.queues.ready_counts().values() if queue) > 1:
+        if len(self.queues.ready_counts()) > 1:      # (it lists non-empty queues)
             return
         for worker in self.pool.workers.values():
             if (worker.blocked or worker.lease_shape is None or worker.actor is not None

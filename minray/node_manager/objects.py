@@ -359,16 +359,12 @@ class ObjectDirectory:
                 self.send_value(conn, object_id, entry)
             else:
                 conn.send(entry.message(object_id))
-        elif entry.kind == LOCATED:            # a local process wants it: pull it here
-            if entry.subscribers is None:
-                entry.subscribers = set()
-            entry.subscribers.add(conn)
-            if self.pull is not None:
-                self.pull(object_id, entry)
         else:
             if entry.subscribers is None:
                 entry.subscribers = set()
             entry.subscribers.add(conn)
+            if entry.kind == LOCATED and self.pull is not None:
+                self.pull(object_id, entry)    # a local process wants it: fetch it here
 
     # ------------------------------------------------------------ references
     def borrow(self, conn, object_id):

@@ -32,14 +32,15 @@ from minray.node_manager.actors import ActorManager
 from minray.node_manager.cluster import ClusterView, NodeInfo
 from minray.node_manager.dispatch import Dispatcher
 from minray.node_manager.lineage import LineageLog
-from minray.node_manager.objects import ObjectDirectory
+from minray.exceptions import ObjectLostError, OwnerDiedError
+from minray.node_manager.objects import ObjectDirectory, error_object
 from minray.node_manager.peers import PeerTable
 from minray.node_manager.tasks import TaskManager
 from minray.node_manager.transfer import Puller, TransferServer
 from minray.node_manager.workers import WorkerPool
 from minray.object_store import SharedStore
 from minray.protocol import (
-    IN_STORE, NODE_MANAGER_MESSAGE_LENGTHS, PEER_ONLY, REQUEST_ID_FIELD, TO_NODE_MANAGER,
+    ERROR, IN_STORE, NODE_MANAGER_MESSAGE_LENGTHS, PEER_ONLY, REQUEST_ID_FIELD, TO_NODE_MANAGER,
     bad_message,
 )
 from minray.session import NODE_FILE, node_socket_path
@@ -395,9 +396,6 @@ class NodeManager:
     def node_died(self, address):
         """A node is dead: what only it held is lost, what it ran for us runs
         again (max_retries) or fails, and it holds nothing of ours."""
-        from minray.exceptions import ObjectLostError, OwnerDiedError
-        from minray.node_manager.objects import error_object
-        from minray.protocol import ERROR
         lost = list(self.objects.located_on(address))
         peer = self.peers.known(address) or self.peers.get(address)
         self.tasks.node_died(address)
@@ -468,14 +466,12 @@ class NodeManager:
     def on_info(self, conn, request_id, what):
         node_hex = self.node_id.hex()
         queues = self.dispatcher.queues
+        if what in ("resources", "nodes"):
+            self.cluster.update_own(self.load())    # (heartbeats refresh it only every 0.5 s)
         if what == "resources":
-            total, available = self.cluster.totals()
-            own = self.cluster.own
-            own.available = queues.available_resources
             total, available = self.cluster.totals()
             result = {"total": total, "available": available}
         elif what == "nodes":
-            self.cluster.own.__dict__.update(self.load())
             result = self.cluster.rows()
         elif what == "tasks":
             result = self.tasks.rows(node_hex)

@@ -283,20 +283,26 @@ class TaskManager:
     def _place_again(self, task):
         spec = task.spec
         if self.queues.feasible(spec.resources):
+            entries = self.objects.entries
             missing = [arg[1] for arg in spec.args if arg[0] == "r"
-                       and not self._available_here(arg[1])]
+                       and ((entry := entries.get(arg[1])) is None
+                            or self._must_wait_for(arg[1], entry))]
             self.queues.add(task, missing)
             if not missing:
                 self.dispatcher.schedule()
         elif not self.spill(task, need_room=False):
             self.fail_unschedulable(task)
 
-    def _available_here(self, object_id):
-        entry = self.objects.get(object_id)
-        if entry is not None and entry.kind == LOCATED and self.objects.pull is not None:
-            self.objects.pull(object_id, entry)
-            return False
-        return entry is not None and entry.ready
+    def _must_wait_for(self, object_id, entry):
+        """Whether a task here must wait for this argument: it is not ready,
+        or it is in another node's store (its fetch is started here)."""
+        if not entry.ready:
+            return True
+        if entry.kind == LOCATED:
+            if self.objects.pull is not None:
+                self.objects.pull(object_id, entry)
+            return True
+        return False
 
     def refuse(self, conn, fields, reason):
         """A submission that could not be handled: its results become errors,
@@ -330,12 +336,8 @@ class TaskManager:
                     f"argument {arg[1].hex()} of {what} was freed or never existed"))
             elif entry.kind == ERROR:
                 failed = failed or (entry.meta, entry.data)
-            elif not entry.ready:
+            elif self._must_wait_for(arg[1], entry):
                 missing.append(arg[1])
-            elif entry.kind == LOCATED:          # in another node's store: fetch it
-                missing.append(arg[1])
-                if self.objects.pull is not None:
-                    self.objects.pull(arg[1], entry)
         for object_id in contained:       # refs inside inline arguments
             self.objects.add_task_ref(object_id)
         return failed, missing
@@ -417,8 +419,7 @@ class TaskManager:
                 if kind == IN_STORE:
                     self.lineage.log_object(object_id, entry, task_id)
                 self.objects.announce(object_id)
-            if task.owner is not None and task.owner.role == "node":
-                self._tell_owner_node(task, state)
+            self._tell_owner_node(task, state)
 
     def object_ready(self, object_id, entry):
         if entry.kind == ERROR:

@@ -181,7 +181,6 @@ class Puller:
         self.executor = ThreadPoolExecutor(PULL_THREADS, thread_name_prefix="minray-pull")
         self.in_flight = {}                 # object id -> [done callbacks]
         self.integrity = integrity_setting()
-        self.bytes_pulled = 0
 
     def pull(self, object_id, addresses, done):
         waiting = self.in_flight.get(object_id)
@@ -235,7 +234,6 @@ class Puller:
                 buf = None
                 self.store.seal(object_id, True)
                 sealed = True
-                self.bytes_pulled += size
             finally:
                 buf = None
                 if not sealed:
