@@ -89,6 +89,7 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None,
             client = core.CoreClient(socket_path, read_token(session_dir), "driver",
                                      {"pid": os.getpid(), "embedded_owner": cluster is not None,
                                       "job_id": job_id, "code_paths": _code_paths(),
+                                      "log_to_driver": bool(log_to_driver),
                                       # As in Ray, a job without one gets its own.
                                       "namespace": namespace or str(uuid.uuid4()),
                                       "anonymous_namespace": namespace is None},

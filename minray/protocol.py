@@ -9,7 +9,7 @@ message is read.
 """
 from typing import NamedTuple
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 # How a value travels: inline (its bytes in messages), in the node's store,
 # or an error (inline bytes of a pickled exception). ACTOR_HANDLES is no
@@ -105,6 +105,9 @@ TO_NODE_MANAGER = {
     "actor_kill": ("actor_id", "no_restart"),
     # Answered ("info", request_id, None), or with a str saying why it can't be.
     "cancel": ("request_id", "object_id", "force", "recursive"),
+    # What a worker's tasks printed: [(job_id, label, stream, text)], label
+    # the function's or actor class's name, stream 1 (stdout) or 2 (stderr).
+    "output": ("chunks",),
 }
 
 # Node manager -> node manager (accepted only on links of role "node";
@@ -133,6 +136,9 @@ TO_NODE_MANAGER_FROM_PEERS = {
     # None (claimed / not found) or (record, address of the creating node).
     "name": ("number", "what", "key", "record"),
     "name_reply": ("number", "existing"),
+    # Output for a job whose driver is the receiver's way: [(job_id, prefix,
+    # stream, text)], prefix "label pid=N, ip=A" (minray.node_manager.output).
+    "forwarded_output": ("chunks",),
 }
 PEER_ONLY = frozenset(TO_NODE_MANAGER_FROM_PEERS)
 TO_NODE_MANAGER.update(TO_NODE_MANAGER_FROM_PEERS)
@@ -149,6 +155,7 @@ TO_CLIENT = {
     "failed": ("request_id", "reason"),         # the request could not be handled
     "path": ("paths",),                         # directories for sys.path
     "cancel": ("task_id",),                     # stop this task (it answers in "done")
+    "output": ("chunks",),                      # [(prefix, stream, text)]: print it
 }
 
 # Requests whose handler must answer even when it fails: name -> position of

@@ -291,3 +291,57 @@ def test_stopped_node_is_declared_dead_and_then_stops(cluster):
         os.kill(node2.pid, signal.SIGCONT)
     # Woken up, it hears it was declared dead and stops.
     assert node2.process.wait(timeout=30) is not None
+
+
+def test_output_of_remote_work_reaches_its_own_driver(cluster):
+    node2 = add_worker_node(cluster, 2)
+    add_worker_node(cluster, 3)
+    code = textwrap.dedent("""
+        import sys, minray
+        tag = sys.argv[2]
+        minray.init(address=sys.argv[1])
+
+        @minray.remote(resources={"node3": 1})
+        def leaf():
+            print("leaf of", tag)
+
+        @minray.remote(resources={"node2": 1})
+        def shout(i):
+            print("shout", i, "of", tag)
+            print("warn of", tag, file=sys.stderr)
+            minray.get(leaf.remote())   # node 2 -> node 3: its output comes back two hops
+
+        @minray.remote(resources={"node2": 1})
+        class Speaker:
+            def say(self):
+                print("actor of", tag)
+
+        minray.get([shout.remote(i) for i in range(3)])
+        minray.get(Speaker.remote().say.remote())
+        print("done", tag)
+    """)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    drivers = {tag: subprocess.Popen([sys.executable, "-c", code, cluster.address, tag],
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True) for tag in ("alpha", "beta")}
+    outputs = {tag: d.communicate(timeout=120) for tag, d in drivers.items()}
+    for tag, (out, err) in outputs.items():
+        assert drivers[tag].returncode == 0, err
+        other = "beta" if tag == "alpha" else "alpha"
+        # Printed before the results the driver waited for: all there, in order.
+        lines = out.splitlines()
+        assert lines[-1] == f"done {tag}"
+        for i in range(3):
+            assert any(line.startswith("(shout pid=") and line.endswith(
+                f", ip=127.0.0.2) shout {i} of {tag}") for line in lines), out
+        assert sum(line.endswith(f"ip=127.0.0.3) leaf of {tag}") and line.startswith("(leaf ")
+                   for line in lines) == 3, out
+        assert any(line.startswith("(Speaker pid=") and line.endswith(
+            f"ip=127.0.0.2) actor of {tag}") for line in lines), out
+        assert err.count(f"warn of {tag}") == 3, err
+        assert other not in out + err
+    # A node started on its own keeps a copy in its workers' log files.
+    logs = os.path.join(node2.session_dir, "logs")
+    kept = "".join(open(os.path.join(logs, name)).read() for name in os.listdir(logs)
+                   if name.startswith("worker-"))
+    assert "shout 2 of alpha" in kept and "shout 2 of beta" in kept

@@ -913,7 +913,7 @@ def test_worker_killed_without_retries_raises_worker_crashed():
 
 # ---------------------------------------------------------------- logs and state
 
-def test_worker_output_reaches_the_driver_with_its_pid():
+def test_worker_output_reaches_the_driver_with_its_name_and_pid():
     code = """
         import os, sys
         import minray
@@ -931,8 +931,8 @@ def test_worker_output_reaches_the_driver_with_its_pid():
     """
     proc = run_driver(code.format(extra=""))
     pid = int(proc.stdout.split("WORKER ")[1].split()[0])
-    assert f"(pid={pid}) hello from task 7" in proc.stdout
-    assert f"(pid={pid}) to stderr 7" in proc.stderr
+    assert f"(speak pid={pid}) hello from task 7" in proc.stdout
+    assert f"(speak pid={pid}) to stderr 7" in proc.stderr
 
     quiet = run_driver(code.format(extra=", log_to_driver=False"))
     assert "WORKER" in quiet.stdout

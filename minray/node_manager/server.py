@@ -14,6 +14,7 @@ routes each message to the component that handles it:
     peers.py      TCP links to other node managers
     cluster.py    membership, heartbeats, the global scheduler's choice of node
     transfer.py   objects pulled from and served to other nodes
+    output.py     what tasks print, to the driver of their job
 
 A handler's exception is contained to its message: it is logged, a request is
 answered with "failed", and a submission's results become errors; the
@@ -34,6 +35,7 @@ from minray.node_manager.dispatch import Dispatcher
 from minray.node_manager.lineage import LineageLog
 from minray.exceptions import ObjectLostError, OwnerDiedError
 from minray.node_manager.objects import ObjectDirectory, error_object
+from minray.node_manager.output import OutputRouter
 from minray.node_manager.peers import PeerTable
 from minray.node_manager.tasks import TaskManager
 from minray.node_manager.transfer import Puller, TransferServer
@@ -134,6 +136,8 @@ class NodeManager:
         self.pool = WorkerPool(session_dir, self.socket_path, self.store_name, node_id,
                                inherit_output=log_to_driver)
         self.drivers = set()
+        # Unrouted output goes to our stdout only where that is a driver's terminal.
+        self.output = OutputRouter(node_ip, print_unrouted=log_to_driver)
         self.code_paths = []       # drivers' script directories, for workers' sys.path
         self.stopping = None
         self.batcher = wire.OutputBatcher()
@@ -164,9 +168,11 @@ class NodeManager:
             "joined": self.on_joined, "refused": self.on_refused,
             "heartbeat": lambda peer, load: self.cluster.on_heartbeat(peer, load),
             "nodes": lambda peer, rows: self.cluster.on_nodes(rows),
-            "value": self.on_peer_value, "run": self.tasks.run_forwarded,
+            "value": self.on_peer_value, "run": self._routed(self.tasks.run_forwarded),
             "finished": self.tasks.forwarded_finished,
-            "create": actors.on_create_forwarded, "call": actors.on_call_forwarded,
+            "create": self._routed(actors.on_create_forwarded),
+            "call": self._routed(actors.on_call_forwarded),
+            "output": self.output.from_worker, "forwarded_output": self.output.from_peer,
             "name": actors.on_name_request, "name_reply": actors.on_name_reply,
         }
 
@@ -289,6 +295,15 @@ class NodeManager:
             pass
 
     # ------------------------------------------------------------ routing
+    def _routed(self, handler):
+        """A handler of work sent by a peer (its spec first, the spec's id
+        first): the job's output goes back that way."""
+        def handle_work(peer, spec, *fields):
+            if isinstance(spec, tuple) and spec and isinstance(spec[0], bytes):
+                self.output.learn_route(spec[0], peer)
+            handler(peer, spec, *fields)
+        return handle_work
+
     def handle(self, conn, message):
         """Run a message's handler; its failure stays with that message."""
         name = message[0]
@@ -327,6 +342,7 @@ class NodeManager:
         self.actors.job_started(info.get("job_id"), info.get("namespace"),
                                 info.get("anonymous_namespace"))
         self._log_job(conn, info, "RUNNING")
+        self.output.driver_joined(conn, info)
         conn.send(("welcome", {
             "node_id": self.node_id, "store_name": self.store_name,
             "session_dir": self.session_dir, "resources": self.resources,
@@ -422,6 +438,7 @@ class NodeManager:
         self.actors.owner_left(conn)
         if conn in self.drivers:
             self._log_job(conn, conn.job_info, "FINISHED")
+            self.output.driver_left(conn)
         if conn.worker is not None:
             self.worker_died(conn.worker)
         self.drivers.discard(conn)

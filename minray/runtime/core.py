@@ -29,8 +29,24 @@ INLINE_MAX_BYTES = 100 * 1024      # values up to this size travel in messages
 DROPPED_PENDING_MAX = 10_000
 BOOKKEEPING_DELAY_S = 0.1          # longest a dropped ref waits to be reported
 BACKGROUND_READ_CHUNKS = 64        # most reads of up to 1 MiB per background poll
+# A worker's printed output (minray.worker.output) rides ahead of its next
+# message; past OUTPUT_SEND_BYTES it is sent at once if the socket is free,
+# past OUTPUT_PENDING_MAX it is dropped (and the drop reported) rather than
+# held without limit.
+OUTPUT_SEND_BYTES = 256 * 1024
+OUTPUT_PENDING_MAX = 64 << 20
+OUTPUT_MESSAGE_CHARS = 128 * 1024  # text per "output" message: under the 1 MiB frame limit
 
 _current = None                     # the CoreClient of this process
+
+
+def print_output(chunks):
+    """Print what tasks printed: each line after its (label pid=..., ip=...)."""
+    for prefix, stream_no, text in chunks:
+        stream = sys.stderr if stream_no == 2 else sys.stdout
+        lead = f"({prefix}) "
+        stream.write("".join(lead + line + "\n" for line in text.splitlines()))
+        stream.flush()
 
 
 class RequestFailed(str):
@@ -71,6 +87,9 @@ class CoreClient:
         self.pending_free = {}       # id -> whether we owned it, until "free" is sent
         self.pending_escape = []
         self.pending_giveback = []   # worker: tasks to hand back, read while lending
+        self.pending_output = collections.deque()   # worker: (job, label, stream, text)
+        self.pending_output_chars = 0
+        self.dropped_output_chars = 0
         self.actor_id = None         # worker: the actor it hosts
         self.concurrent = False      # calls run at once: ids from one shared counter
         self.shared_counter = itertools.count(1)
@@ -206,12 +225,13 @@ class CoreClient:
 
     def _has_bookkeeping(self):
         return bool(self.pending_free or self.pending_escape or self.pending_borrow
-                    or self.pending_giveback)
+                    or self.pending_giveback or self.pending_output)
 
     def _bookkeeping_frames(self):
+        # Output first: what a task printed arrives before its result.
         # Escapes and borrows go before frees: a ref we now hold is counted
         # before anything that kept its object alive for us is let go.
-        frames = []
+        frames = self._output_frames() if self.pending_output else []
         if self.pending_giveback:
             given, self.pending_giveback = self.pending_giveback, []
             frames.append(wire.encode(("giveback", given)))
@@ -224,6 +244,44 @@ class CoreClient:
         if self.pending_free:
             freed, self.pending_free = self.pending_free, {}
             frames.append(wire.encode(("free", list(freed))))
+        return frames
+
+    def queue_output(self, chunk):
+        """Queue (job id, label, stream number, text) a worker's task printed."""
+        size = len(chunk[3])
+        if self.pending_output_chars + size > OUTPUT_PENDING_MAX:
+            self.dropped_output_chars += size
+            return
+        self.pending_output.append(chunk)
+        self.pending_output_chars += size
+        # Not blocking: the printing thread may be one that holds send_lock
+        # (minray reporting something while it sends); then it goes later.
+        if self.pending_output_chars > OUTPUT_SEND_BYTES and self.send_lock.acquire(False):
+            try:
+                self._send_locked(b"".join(self._bookkeeping_frames()))
+            except OSError:
+                pass                    # the connection is gone; the next send says so
+            finally:
+                self.send_lock.release()
+
+    def _output_frames(self):
+        frames, chunks, size = [], [], 0
+        pending = self.pending_output
+        while pending:
+            chunk = pending.popleft()
+            self.pending_output_chars -= len(chunk[3])
+            if chunks and size + len(chunk[3]) > OUTPUT_MESSAGE_CHARS:
+                frames.append(wire.encode(("output", chunks)))
+                chunks, size = [], 0
+            chunks.append(chunk)
+            size += len(chunk[3])
+        if self.dropped_output_chars and chunks:
+            dropped, self.dropped_output_chars = self.dropped_output_chars, 0
+            chunks.append((chunks[-1][0], chunks[-1][1], 2,
+                           f"minray: {dropped} characters of output were dropped: printed "
+                           "faster than they could be sent\n"))
+        if chunks:
+            frames.append(wire.encode(("output", chunks)))
         return frames
 
     # ------------------------------------------------------------ receiving
@@ -315,6 +373,8 @@ class CoreClient:
         elif kind == "cancel":
             if self.cancel_handler is not None:
                 self.cancel_handler(message[1])
+        elif kind == "output":
+            print_output(message[1])
         elif kind == "error":
             print(f"minray: {message[1]}", file=sys.stderr, flush=True)
         elif kind == "path":

@@ -20,6 +20,7 @@ from minray.protocol import ERROR, IN_STORE, INLINE
 from minray.runtime import core
 from minray.runtime.object_ref import serialize_with_refs
 from minray.runtime_context import current_task
+from minray.worker.output import forward_output
 from minray.serialization import deserialize, serialize
 
 RESULT_BATCH = 32                 # results sent together when tasks are short ...
@@ -30,43 +31,12 @@ CANCELLED_REMEMBERED = 10_000     # ids of cancelled tasks kept (some finished a
 MINRAY_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
-class PrefixedStream:
-    """Prefixes every line a worker prints with its pid, like Ray's (pid=...)."""
-
-    def __init__(self, stream, prefix):
-        self.stream = stream
-        self.prefix = prefix
-        self.at_line_start = True
-
-    def write(self, text):
-        if not text:
-            return 0
-        lines = text.split("\n")
-        out = []
-        for i, line in enumerate(lines):
-            if line and self.at_line_start:
-                out.append(self.prefix)
-            out.append(line)
-            if i < len(lines) - 1:
-                out.append("\n")
-                self.at_line_start = True
-            elif line:
-                self.at_line_start = False
-        self.stream.write("".join(out))
-        self.stream.flush()
-        return len(text)
-
-    def flush(self):
-        self.stream.flush()
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
 class Executor:
-    def __init__(self, client, worker_id):
+    def __init__(self, client, worker_id, output=None, output_streams=()):
         self.client = client
         self.worker_id = worker_id
+        self.output = output              # OutputForwarder: labels what tasks print
+        self.output_streams = output_streams
         self.instance = None              # the actor's object, if we host one
         self.methods = {}                 # name -> the instance's bound method
         self.concurrency = None           # ConcurrentCalls of a threaded/async actor
@@ -151,6 +121,8 @@ class Executor:
         if self.concurrency is None:
             client.start_task(task_id)
         token = current_task.set(task_id)
+        if function_id is not None and self.output is not None:
+            self.output.label = name.rpartition(".")[2]   # (an actor's: its class)
         self.set_gpus(gpu_ids)
         started = time.perf_counter()
         error_text = result = None
@@ -175,12 +147,19 @@ class Executor:
             error_text, results = self.encode_error(name, return_ids, exc)
         finally:
             client.executing = self.concurrency is not None
+            self.end_output()
             current_task.reset(token)
         if cancel.take(task_id):
             # Cancelled while it ran: its result is TaskCancelledError, as in
             # Ray, whether it was interrupted or (an actor call) ran to the end.
             return self.cancelled_item(dispatch, time.perf_counter() - started), None
         return (task_id, results, time.perf_counter() - started, error_text), result
+
+    def end_output(self):
+        """A task's unfinished last line goes out with the rest of its output."""
+        for stream in self.output_streams:
+            if stream.partial:
+                stream.flush()
 
     def cancelled_item(self, dispatch, seconds=0.0):
         """The ("done", ...) item of a cancelled task: every return an error."""
@@ -218,6 +197,8 @@ class Executor:
         client.actor_id = actor_id
         client.start_task(actor_id)
         current_task.set(actor_id)
+        if self.output is not None:
+            self.output.label = class_name
         self.set_gpus(gpu_ids)            # CUDA_VISIBLE_DEVICES before __init__ runs
         meta = data = error_text = None
         # A constructor waiting in get/wait lends the CPU it was placed with.
@@ -237,6 +218,7 @@ class Executor:
             meta, data = results[0][2], results[0][3]
         finally:
             client.executing = False
+            self.end_output()
             current_task.set(None)
         if meta is None and (is_async or max_concurrency > 1):
             self.concurrency = ConcurrentCalls(self, max_concurrency, is_async)
@@ -583,10 +565,10 @@ def _in_minray_code(frame):
     return True
 
 
-def run_worker(socket_path, session_dir, store_name, node_id, worker_id):
+def run_worker(socket_path, session_dir, store_name, node_id, worker_id, log_file=False):
+    """Serve a node manager as a worker. log_file: our stdout and stderr are a
+    log file (not the driver's terminal), which keeps a copy of what tasks print."""
     from minray.session import read_token
-    sys.stdout = PrefixedStream(sys.stdout, f"(pid={os.getpid()}) ")
-    sys.stderr = PrefixedStream(sys.stderr, f"(pid={os.getpid()}) ")
     try:
         client = core.CoreClient(socket_path, read_token(session_dir), "worker",
                                  {"worker_id": worker_id, "pid": os.getpid()},
@@ -597,8 +579,9 @@ def run_worker(socket_path, session_dir, store_name, node_id, worker_id):
     core.set_current(client)
     runtime_context.worker.node_id = node_id
     runtime_context.worker.worker_id = worker_id
+    output, streams = forward_output(client, copy_to_files=log_file)
     try:
-        Executor(client, worker_id).loop()
+        Executor(client, worker_id, output, streams).loop()
     except Exception:
         if client.closed:
             return              # the node manager is gone: so are we

@@ -63,7 +63,8 @@ def _become_worker(request):
             os.close(fd)
         os.environ["MINRAY_WORKER_ID"] = request["worker_id"]
         run_worker(request["socket"], request["session_dir"], request["store"],
-                   bytes.fromhex(request["node_id"]), request["worker_id"])
+                   bytes.fromhex(request["node_id"]), request["worker_id"],
+                   log_file=bool(request.get("log_file")))
     except BaseException:
         import traceback
         traceback.print_exc()
