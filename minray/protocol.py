@@ -136,6 +136,10 @@ TO_NODE_MANAGER_FROM_PEERS = {
     # None (claimed / not found) or (record, address of the creating node).
     "name": ("number", "what", "key", "record"),
     "name_reply": ("number", "existing"),
+    # Where does an actor the receiver owns live? Answered with "actor_host":
+    # the hosting node's address (the receiver's own while it is not placed).
+    "locate_actor": ("actor_id",),
+    "actor_host": ("actor_id", "address"),
     # Output for a job whose driver is the receiver's way: [(job_id, prefix,
     # stream, text)], prefix "label pid=N, ip=A" (minray.node_manager.output).
     "forwarded_output": ("chunks",),

@@ -151,6 +151,45 @@ def test_actor_on_one_node_called_from_tasks_on_another(cluster):
     assert sorted(results[0] + results[1:]) == list(range(1, 41))
 
 
+def test_calls_from_a_third_node_go_straight_to_the_actor_host(cluster, tmp_path):
+    add_worker_node(cluster, 2)
+    add_worker_node(cluster, 3)
+    minray.init(address=cluster.address)
+    located, resume, finished = (tmp_path / n for n in ("located", "resume", "finished"))
+
+    @minray.remote(resources={"node2": 1})
+    class Counter:
+        def __init__(self):
+            self.count = 0
+
+        def inc(self):
+            self.count += 1
+            return self.count
+
+    @minray.remote(resources={"node3": 1})
+    def call_while_owner_is_stopped(counter):
+        first = minray.get(counter.inc.remote())
+        located.touch()
+        while not resume.exists():
+            time.sleep(0.01)
+        rest = minray.get([counter.inc.remote() for _ in range(20)], timeout=30)
+        finished.write_text(repr([first] + rest))
+        return [first] + rest
+
+    counter = Counter.remote()      # owned by the driver's node, the head
+    ref = call_while_owner_is_stopped.remote(counter)
+    wait_for_file(located)
+    # The head (the handle's owner) is frozen: node 3's calls still reach
+    # node 2, so they never went through it.
+    os.kill(cluster.head_node.pid, signal.SIGSTOP)
+    try:
+        resume.touch()
+        wait_for_file(finished, timeout=30)
+    finally:
+        os.kill(cluster.head_node.pid, signal.SIGCONT)
+    assert minray.get(ref, timeout=60) == list(range(1, 22))
+
+
 def wait_for_file(path, timeout=30):
     deadline = time.monotonic() + timeout
     while not path.exists() and time.monotonic() < deadline:

@@ -123,6 +123,7 @@ class ActorManager(ActorsAcrossNodes):
         self.cluster = None               # many nodes: the cluster view and peers
         self.peers = None
         self.remote = {}                  # actor id -> Peer of the node hosting it
+        self.locating = {}                # actor id -> (owner Peer, parked calls)
         # Names are unique in the whole cluster: the head keeps those of
         # actors created on other nodes, (namespace, name) -> (record,
         # address of the creating node); other nodes ask it (name requests).
@@ -238,6 +239,8 @@ class ActorManager(ActorsAcrossNodes):
     # ------------------------------------------------------------ calls
     def on_call(self, conn, fields):
         spec = parse_spec(ActorCallSpec, fields)
+        if self._must_locate(conn, spec):
+            return
         for index in range(1, spec.num_returns + 1):
             self.objects.expect(ids.return_object_id(spec.task_id, index), conn)
         task = Task(spec.task_id, spec, {}, 0, conn)

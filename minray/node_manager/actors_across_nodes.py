@@ -7,8 +7,11 @@ cluster view; this node remembers where (`remote`) and sends it the actor's
 calls and kill. The hosting node sees this node as the actor's owner and as
 the caller of every call sent from here (one FIFO for all of them, so each
 caller's order holds). A node that holds a handle of an actor created
-elsewhere sends its calls to the node that owns the handle, which passes
-them on.
+elsewhere asks the node that owns the handle where the actor lives
+("locate_actor", answered with "actor_host") and from then on sends its
+calls straight there; calls made while it asks wait, so none overtakes
+another. While the owner has not placed the actor yet, it answers with
+itself and passes the calls on.
 
 Names are unique in the whole cluster: the head keeps the names of actors
 created on other nodes, (namespace, name) -> (record, address of the
@@ -80,6 +83,46 @@ class ActorsAcrossNodes:
         arg_owners = {object_id: self.objects.owner_address(object_id) for object_id in held}
         peer.send(("call", tuple(spec), arg_owners))
 
+    def _must_locate(self, conn, spec):
+        """Park a call of an actor created elsewhere whose host we do not know
+        yet, and ask its owner where it lives; True if parked."""
+        actor_id = spec.actor_id
+        locating = self.locating.get(actor_id)
+        if locating is None:
+            if actor_id in self.actors or actor_id in self.remote:
+                return False
+            handles = self.objects.get(ids.actor_handle_id(actor_id))
+            owner = handles.owner_peer if handles is not None else None
+            if owner is None or owner.closed:
+                return False
+            locating = self.locating[actor_id] = (owner, [])
+            owner.send(("locate_actor", actor_id))
+        locating[1].append((conn, spec))
+        return True
+
+    def on_locate_actor(self, peer, actor_id):
+        """Where an actor we own lives: its host, or here (we pass calls on)."""
+        host = self.remote.get(actor_id)
+        peer.send(("actor_host", actor_id, host.address if host is not None
+                   else self.objects.address))
+
+    def on_actor_host(self, peer, actor_id, address):
+        """The owner's answer: send the parked calls, and later ones, there."""
+        locating = self.locating.pop(actor_id, None)
+        if locating is None:
+            return
+        if not isinstance(address, str) or address in (peer.address, self.objects.address):
+            host = peer
+        else:
+            host = self.peers.get(address)
+        self.remote.setdefault(actor_id, host)
+        self._send_parked(locating[1])
+
+    def _send_parked(self, parked):
+        for conn, spec in parked:
+            if not conn.closed:
+                self.on_call(conn, tuple(spec))
+
     def _host_of(self, actor_id):
         """The peer to send a call of an actor not hosted here, or None."""
         peer = self.remote.get(actor_id)
@@ -101,6 +144,11 @@ class ActorsAcrossNodes:
     def node_died(self, address):
         """Actors we placed on a dead node are dead (restarting them elsewhere
         belongs to lineage reconstruction)."""
+        for actor_id, (owner, parked) in list(self.locating.items()):
+            if owner.address == address:
+                # Their calls now fail: the node that knew the actor is gone.
+                del self.locating[actor_id]
+                self._send_parked(parked)
         for actor_id, peer in list(self.remote.items()):
             if peer.address == address:
                 del self.remote[actor_id]

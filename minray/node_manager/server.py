@@ -174,6 +174,7 @@ class NodeManager:
             "call": self._routed(actors.on_call_forwarded),
             "output": self.output.from_worker, "forwarded_output": self.output.from_peer,
             "name": actors.on_name_request, "name_reply": actors.on_name_reply,
+            "locate_actor": actors.on_locate_actor, "actor_host": actors.on_actor_host,
         }
 
     # ------------------------------------------------------------ lifecycle
