@@ -89,6 +89,8 @@ TO_NODE_MANAGER = {
     "borrow": ("object_ids",),                  # I hold refs I was handed
     "free": ("object_ids",),                    # I dropped my last ref to these
     "escape": ("object_ids",),                  # a ref left minray's serialization
+    # A ref pickled on another node was loaded here: {object_id: that node's address}.
+    "adopt": ("owners",),
     "done": ("results",),                       # [TaskResult]
     "blocked": ("not_started",),                # in get/wait: lend my CPU
     "unblocked": (),

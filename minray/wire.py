@@ -139,7 +139,7 @@ def client_reply(token, hello):
 
 # Between hosts, a party on the path could alter or inject frames after the
 # handshake. Connections whose server class sets `seal_tcp_frames` (node
-# manager to node manager) carry MACs over TCP: what one flush writes (one
+# manager to node manager, clients of the control store) carry MACs over TCP: what one flush writes (one
 # or more frames) goes as one outer frame whose payload is those frames and a
 # MAC: keyed BLAKE2b of the direction, a counter and the payload, under a key
 # derived from the token and both handshake nonces. An outer frame that fails
@@ -313,10 +313,12 @@ def recv_buffer():
 
 
 class FrameReader:
-    """Reads frames from a blocking socket, buffering partial reads."""
+    """Reads frames from a blocking socket, buffering partial reads; with a
+    FrameSealer, each outer frame's MAC is checked before its frames are read."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, sealer=None):
         self.sock = sock
+        self.sealer = sealer
         self.buffer = bytearray()
         self.ready = []
         self.view = None                # reused for every recv (see RECV_SIZE)
@@ -329,8 +331,40 @@ class FrameReader:
             if not n:
                 raise ConnectionResetError("connection closed by the peer")
             self.buffer += self.view[:n]
-            self.ready.extend(split_frames(self.buffer))
+            for frame in split_frames(self.buffer):
+                if self.sealer is None:
+                    self.ready.append(frame)
+                    continue
+                inner = bytearray(self.sealer.open(frame))
+                self.ready.extend(split_frames(inner))
+                if inner:
+                    raise ProtocolError("a sealed frame ends inside a frame")
         return decode(self.ready.pop(0))
+
+
+class SealedSocket:
+    """A blocking client socket to a minray service whose TCP frames carry
+    MACs (the server class sets seal_tcp_frames): send() seals, read() checks.
+    Over a Unix socket nothing is sealed, as on the server's side."""
+
+    def __init__(self, address, token, timeout=HANDSHAKE_TIMEOUT_S):
+        self.sock, key = connect_with_key(address, token, timeout)
+        self.sealer = None if isinstance(address, str) else FrameSealer(key, we_are_server=False)
+        self.reader = FrameReader(self.sock, self.sealer)
+
+    def send(self, message):
+        """Send one message (a caller sending from several threads holds a lock)."""
+        data = encode(message)
+        self.sock.sendall(data if self.sealer is None else self.sealer.seal(data))
+
+    def read(self):
+        return self.reader.read()
+
+    def settimeout(self, timeout):
+        self.sock.settimeout(timeout)
+
+    def close(self):
+        self.sock.close()
 
 
 # ---------------------------------------------------------------- asyncio side

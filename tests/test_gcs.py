@@ -45,15 +45,19 @@ def wait_for_log(session_dir, text, index=0):
     wait_for(lambda: text in log_text(session_dir, index), what=f"{text!r} in the gcs log")
 
 
-def raw_connect(address, token=None):
-    """A plain socket to a shard; authenticated by hand (wire.client_reply) if token."""
+def raw_connect(address):
+    """A plain socket to a shard, past nothing but its hello."""
     sock = socket.create_connection(address, timeout=10)
-    hello = wire.recv_exact(sock, wire.HELLO_SIZE)
-    if token is not None:
-        reply, expected = wire.client_reply(token, hello)
-        sock.sendall(reply)
-        assert wire.recv_exact(sock, wire.DIGEST_SIZE) == expected
+    wire.recv_exact(sock, wire.HELLO_SIZE)
     return sock
+
+
+def sealed_link(address, token):
+    """An authenticated link to a shard whose frames carry MACs, as every
+    TCP client's must; `send_sealed` sends any bytes as one sealed frame."""
+    link = wire.SealedSocket(address, token)
+    link.send_sealed = lambda data: link.sock.sendall(link.sealer.seal(data))
+    return link
 
 
 def read_until_closed(sock, timeout=10.0):
@@ -72,9 +76,9 @@ def read_until_closed(sock, timeout=10.0):
         raise AssertionError("the server did not close the connection") from None
 
 
-def raw_request(sock, request_id, op, args):
-    sock.sendall(wire.encode((request_id, op, args)))
-    return wire.FrameReader(sock).read()
+def raw_request(link, request_id, op, args):
+    link.send((request_id, op, args))
+    return link.read()
 
 
 def frame(payload):
@@ -632,7 +636,7 @@ def _bad_frames(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["garbage frame", "huge length prefix", "global reference",
-                                  "code on unpickle", "not a request"])
+                                  "code on unpickle", "not a request", "unsealed"])
 def test_authenticated_peer_sending_bad_frames_is_dropped(cluster, client, session, tmp_path,
                                                           case):
     g = cluster(num_shards=1)
@@ -642,14 +646,19 @@ def test_authenticated_peer_sending_bad_frames_is_dropped(cluster, client, sessi
     bystander.flush()
 
     # The raw path works when used properly (so the failures below mean something).
-    sock = raw_connect(g.addresses[0], token)
-    assert raw_request(sock, 7, "get", ("tasks", b"k"))[:2] == (7, True)
+    link = sealed_link(g.addresses[0], token)
+    assert raw_request(link, 7, "get", ("tasks", b"k"))[:2] == (7, True)
 
     frames, marker = _bad_frames(tmp_path)
-    payload, reason = frames[case]
-    sock.sendall(payload)
-    read_until_closed(sock)
-    sock.close()
+    if case == "unsealed":
+        # A well-formed request without its MAC (injected on the path): never read.
+        link.sock.sendall(wire.encode((8, "write", [("tasks", b"k", b"\x01" + pickle.dumps(0))])))
+        reason = "MAC is wrong"
+    else:
+        payload, reason = frames[case]
+        link.send_sealed(payload)
+    read_until_closed(link.sock)
+    link.close()
     wait_for_log(session, reason)
     assert not marker.exists()                          # nothing was unpickled into code
     assert bystander.get("tasks", b"k") == "v"          # its connection survived
@@ -658,10 +667,11 @@ def test_authenticated_peer_sending_bad_frames_is_dropped(cluster, client, sessi
 
 def test_truncated_frame_then_close(cluster, client, session):
     g = cluster(num_shards=1)
-    sock = raw_connect(g.addresses[0], read_token(session))
-    whole = wire.encode((1, "write", [("tasks", b"half", b"\x01" + pickle.dumps(1))]))
-    sock.sendall(whole[:len(whole) // 2])
-    sock.close()
+    link = sealed_link(g.addresses[0], read_token(session))
+    whole = link.sealer.seal(wire.encode((1, "write", [("tasks", b"half",
+                                                        b"\x01" + pickle.dumps(1))])))
+    link.sock.sendall(whole[:len(whole) // 2])
+    link.close()
     c = client(g)
     assert c.get("tasks", b"half") is None                   # never applied
     assert_serving(g, client)
@@ -670,12 +680,10 @@ def test_truncated_frame_then_close(cluster, client, session):
 
 def test_bad_requests_get_error_replies_and_keep_the_connection(cluster, client, session):
     g = cluster(num_shards=1)
-    sock = raw_connect(g.addresses[0], read_token(session))
-    reader = wire.FrameReader(sock)
+    link = sealed_link(g.addresses[0], read_token(session))
 
     def ask(request_id, op, args):
-        sock.sendall(wire.encode((request_id, op, args)))
-        return reader.read()
+        return raw_request(link, request_id, op, args)
 
     assert ask(0, "write", [("tasks", b"row", b"\x01" + pickle.dumps(0))]) == (0, True, 1)
     assert ask(1, "no-such-op", ()) == (1, False, "unknown operation 'no-such-op'")
@@ -692,7 +700,7 @@ def test_bad_requests_get_error_replies_and_keep_the_connection(cluster, client,
     assert reply[1] is False
     assert ask(10, "get", ("tasks", b"good")) == (10, True, None)
     assert ask(11, "info", ())[1] is True                  # still connected and served
-    sock.close()
+    link.close()
     assert "Traceback" not in log_text(session)
 
 

@@ -190,6 +190,24 @@ def test_calls_from_a_third_node_go_straight_to_the_actor_host(cluster, tmp_path
     assert minray.get(ref, timeout=60) == list(range(1, 22))
 
 
+def test_refs_pickled_outside_minray_resolve_on_another_node(cluster):
+    import pickle
+    add_worker_node(cluster, 2)
+    minray.init(address=cluster.address)
+    small = minray.put("small value")
+    big = minray.put(np.arange(1_000_000))
+    # Pickled by other means (a file, another framework): they escape, and
+    # carry the node they came from.
+    blobs = [pickle.dumps(small), pickle.dumps(big)]
+
+    @minray.remote(resources={"node2": 1})
+    def load_and_get(blob):
+        return minray.get(pickle.loads(blob))
+
+    assert minray.get(load_and_get.remote(blobs[0])) == "small value"
+    assert minray.get(load_and_get.remote(blobs[1])).sum() == np.arange(1_000_000).sum()
+
+
 def wait_for_file(path, timeout=30):
     deadline = time.monotonic() + timeout
     while not path.exists() and time.monotonic() < deadline:

@@ -429,13 +429,9 @@ def test_a_control_store_subscriber_that_stops_reading_is_dropped(tmp_path, monk
     shards = GcsProcesses(session, num_shards=1).start()
     writer = GcsClient(shards.addresses, token, reconnect_timeout=15.0)
     try:
-        stalled = socket.create_connection(shards.addresses[0], timeout=10)
-        hello = wire.recv_exact(stalled, wire.HELLO_SIZE)
-        reply, expected = wire.client_reply(token, hello)
-        stalled.sendall(reply)
-        assert wire.recv_exact(stalled, wire.DIGEST_SIZE) == expected
-        stalled.sendall(wire.encode((1, "sub", ("tasks", None))))
-        assert wire.FrameReader(stalled).read() == (1, True, None)
+        stalled = wire.SealedSocket(shards.addresses[0], token)
+        stalled.send((1, "sub", ("tasks", None)))
+        assert stalled.read() == (1, True, None)
 
         # 40 MB of changes it never reads, one published frame per write
         # (each flushed on its own): dropped once 4 MiB more pile up.
@@ -446,7 +442,7 @@ def test_a_control_store_subscriber_that_stops_reading_is_dropped(tmp_path, monk
         log_path = os.path.join(session, "logs", "gcs-0.log")
         poll(lambda: "it stopped reading" in open(log_path).read(), 30,
              what="the stalled subscriber to be dropped")
-        assert read_until_closed(stalled) < 40_000_000
+        assert read_until_closed(stalled.sock) < 40_000_000
         stalled.close()
         assert writer.get("tasks", b"k399") == value       # the others are served
     finally:

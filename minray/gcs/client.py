@@ -47,21 +47,19 @@ class _Connection:
         self.token = token
         self.reconnect_timeout = reconnect_timeout
         self.read_timeout = read_timeout
-        self.sock = None
-        self.reader = None
+        self.link = None               # wire.SealedSocket
         self.ids = itertools.count(1)
 
     def ensure(self):
-        if self.sock is not None:
+        if self.link is not None:
             return
         deadline = time.monotonic() + self.reconnect_timeout
         delay = 0.01
         while True:
             try:
                 handshake = min(wire.HANDSHAKE_TIMEOUT_S, max(0.1, deadline - time.monotonic()))
-                self.sock = wire.connect(self.address, self.token, timeout=handshake)
-                self.sock.settimeout(self.read_timeout)
-                self.reader = wire.FrameReader(self.sock)
+                self.link = wire.SealedSocket(self.address, self.token, timeout=handshake)
+                self.link.settimeout(self.read_timeout)
                 return
             except wire.AuthenticationError:
                 raise
@@ -74,17 +72,16 @@ class _Connection:
                 delay = min(delay * 2, 0.5)
 
     def reset(self):
-        if self.sock is not None:
+        if self.link is not None:
             try:
-                self.sock.close()
+                self.link.close()
             except OSError:
                 pass
-        self.sock = None
-        self.reader = None
+        self.link = None
 
     def send(self, op, args):
         request_id = next(self.ids)
-        self.sock.sendall(wire.encode((request_id, op, args)))
+        self.link.send((request_id, op, args))
         return request_id
 
 
@@ -124,7 +121,7 @@ class _Shard:
         # and is re-sent after the reconnect instead of being lost.
         request_id = next(self.conn.ids)
         self.unacked[request_id] = batch
-        self.conn.sock.sendall(wire.encode((request_id, "write", batch)))
+        self.conn.link.send((request_id, "write", batch))
 
     def _resend_unacked(self):
         # Re-number all of them first, then send, so that a connection failing
@@ -134,7 +131,7 @@ class _Shard:
         for batch in batches:
             self.unacked[next(self.conn.ids)] = batch
         for request_id, batch in list(self.unacked.items()):
-            self.conn.sock.sendall(wire.encode((request_id, "write", batch)))
+            self.conn.link.send((request_id, "write", batch))
 
     def _flush_locked(self):
         if self.resend_unacked:
@@ -146,7 +143,7 @@ class _Shard:
         # Without this, a client that only writes would keep every batch it
         # ever sent (nobody reads the acknowledgements).
         while len(self.unacked) > MAX_UNACKED_BATCHES:
-            self._take_reply(self.conn.reader.read())
+            self._take_reply(self.conn.link.read())
 
     def _take_reply(self, message):
         """Consume one reply; return it unless it acknowledged a write batch."""
@@ -172,7 +169,7 @@ class _Shard:
             def action():
                 self._flush_locked()
                 while wait and self.unacked:
-                    self._take_reply(self.conn.reader.read())
+                    self._take_reply(self.conn.link.read())
             self._retrying(action)
             self._raise_write_error()
 
@@ -182,7 +179,7 @@ class _Shard:
                 self._flush_locked()
                 request_id = self.conn.send(op, args)
                 while True:
-                    reply = self._take_reply(self.conn.reader.read())
+                    reply = self._take_reply(self.conn.link.read())
                     if reply is not None and reply[0] == request_id:
                         return reply
             _, ok, result = self._retrying(action)
@@ -234,7 +231,7 @@ class _SubscriberChannel:
             self.conn.ensure()
             request_id = next(self.conn.ids)
             self.waiting[request_id] = slot
-            self.conn.sock.sendall(wire.encode((request_id, op, args)))
+            self.conn.link.send((request_id, op, args))
         if not slot[0].wait(timeout):
             raise ControlStoreError(f"control store did not answer {op} within {timeout} s")
         _, ok, result = slot[1]
@@ -253,7 +250,7 @@ class _SubscriberChannel:
     def _run(self):
         while not self.closed:
             try:
-                message = self.conn.reader.read()
+                message = self.conn.link.read()
             except (OSError, wire.ProtocolError, AttributeError):
                 if self.closed:
                     return
@@ -300,7 +297,7 @@ class _SubscriberChannel:
                 for table, key in list(self.subscriptions):
                     request_id = next(self.conn.ids)
                     self.resubscribing[request_id] = (table, key)
-                    self.conn.sock.sendall(wire.encode((request_id, "sub", (table, key))))
+                    self.conn.link.send((request_id, "sub", (table, key)))
             except OSError as exc:
                 # The new connection broke too: the reader's next read fails
                 # and brings us back here.

@@ -168,6 +168,7 @@ class ShardConnection(wire.FramedServerProtocol):
     first_max_frame = wire.LARGE_MAX_FRAME
     default_max_frame = wire.ORDINARY_MAX_FRAME
     message_max_frame = dict.fromkeys(("write", "pub", "mget"), wire.LARGE_MAX_FRAME)
+    seal_tcp_frames = True        # node managers on other hosts reach shards over TCP
     kind_index = 1
 
     def __init__(self, shard, token):

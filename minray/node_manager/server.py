@@ -156,7 +156,8 @@ class NodeManager:
         self.handlers = {
             "hello": self.on_hello, "fn": self.on_function, "submit": self.tasks.submit,
             "put": self.on_put, "sub": self.on_subscribe, "borrow": self.on_borrow,
-            "free": self.on_free, "escape": self.on_escape, "done": self.on_done,
+            "free": self.on_free, "escape": self.on_escape, "adopt": self.on_adopt,
+            "done": self.on_done,
             "blocked": self.on_blocked, "unblocked": self.on_unblocked,
             "giveback": self.on_giveback, "info": self.on_info, "shutdown": self.on_shutdown,
             "actor_create": actors.on_create, "actor_call": actors.on_call,
@@ -328,6 +329,7 @@ class NodeManager:
             conn.worker = self.pool.admit(info, conn)
             if conn.worker is None:
                 return          # refused: dropped, with the reason logged
+            conn.send(("welcome", {"address": self.address}))
             if self.code_paths:
                 conn.send(("path", self.code_paths))
             self.dispatcher.add_worker(conn.worker)
@@ -347,6 +349,7 @@ class NodeManager:
         conn.send(("welcome", {
             "node_id": self.node_id, "store_name": self.store_name,
             "session_dir": self.session_dir, "resources": self.resources,
+            "address": self.address,
         }))
 
     def _peer_hello(self, conn, info):
@@ -540,6 +543,27 @@ class NodeManager:
     def on_escape(self, conn, object_ids):
         for object_id in object_ids:
             self.objects.escape(object_id)
+
+    def on_adopt(self, conn, owners):
+        """Refs a process loaded from a pickle made on another node (escaped
+        refs): {object_id: address of that node}, a live node of the cluster."""
+        if self.cluster is None:
+            return
+        nodes = self.cluster.nodes
+
+        def member(address):
+            # (a node that just joined may not have the cluster view yet,
+            # but it knows its head and the peers it talks to)
+            node = nodes.get(address)
+            if node is not None:
+                return node.alive
+            return address == self.head_address or self.peers.known(address) is not None
+        known = {object_id: address for object_id, address in dict(owners).items()
+                 if isinstance(object_id, bytes) and isinstance(address, str) and member(address)}
+        self.objects.adopt_foreign(known, self.peers)
+        for object_id in known:
+            # Held for the process from now: its own "borrow" may come after the value.
+            self.objects.borrow(conn, object_id)
 
     # ------------------------------------------------------------ workers
     def on_done(self, conn, items):

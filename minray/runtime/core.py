@@ -103,6 +103,7 @@ class CoreClient:
         self.interrupt_requested = False   # worker: cancel the running task at the next wait
         self.start_task(root_task_id)
         self.welcome = None
+        self.node_address = None     # our node manager's "ip:port", from its welcome
         self.store = None
         # A driver's namespace, from init(); a worker's is its current job's.
         self.driver_namespace = (info.get("namespace"), bool(info.get("anonymous_namespace")))
@@ -387,6 +388,7 @@ class CoreClient:
             self.replies[message[1]] = RequestFailed(message[2])
         elif kind == "welcome":
             self.welcome = message[1]
+            self.node_address = self.welcome.get("address")
 
     def request_info(self, what, timeout=30.0):
         request_id = next(self.request_ids)

@@ -37,8 +37,19 @@ def note_pickled(object_id, client):
     found = getattr(_collecting, "ids", None)
     if found is not None:
         found.append(object_id)
-    elif client is not None:
+        return False
+    if client is not None:
         client.escape(object_id)
+    return True
+
+
+def _unpickle_escaped(object_id, node_address):
+    """A ref pickled outside minray, loaded (maybe on another node): our node
+    learns where to ask for its object before we hold it."""
+    client = core.current()
+    if client is not None and node_address and node_address != client.node_address:
+        client.send(("adopt", {object_id: node_address}))
+    return ObjectRef(object_id)
 
 
 class ObjectRef:
@@ -87,5 +98,9 @@ class ObjectRef:
         return f"ObjectRef({self._id.hex()})"
 
     def __reduce__(self):
-        note_pickled(self._id, self._client)
+        client = self._client
+        if note_pickled(self._id, client) and client is not None:
+            # Escaped: it may be loaded on another node, which must know
+            # where it came from (the object stays pinned on this node).
+            return _unpickle_escaped, (self._id, client.node_address)
         return ObjectRef, (self._id,)
