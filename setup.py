@@ -53,6 +53,7 @@ setup(
         # build these machines carry; an unpinned torch pulls a CUDA build).
         "examples": ["scipy", "scikit-learn", "gymnasium", "torch==2.13.0"],
     },
-    entry_points={"console_scripts": ["minray = minray.scripts.cli:main"]},
+    entry_points={"console_scripts": ["minray = minray.scripts.cli:main",
+                                     "minray-cluster = minray.cluster_tool.cli:main"]},
     zip_safe=False,
 )
