@@ -208,6 +208,15 @@ def test_bad_hosts_each_get_a_clear_error(hosts, tmp_path):
     assert "connection refused" in result.stdout
     assert "authentication as nobody-here failed" in result.stdout
 
+    # A port that takes connections but never speaks SSH (a hung host).
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.4", 0))
+        silent.listen()
+        workers.write_text(f"127.0.0.4:{silent.getsockname()[1]}\n")
+        hung = hosts.run("exec", "--", "true", workers=workers, extra=("--timeout", "3"))
+    assert hung.returncode == 1
+    assert "no SSH server answered within 3 s" in hung.stdout
+
     no_python = hosts.run("status", extra=("--python", "/nonexistent/python3"))
     assert no_python.returncode == 1
     assert no_python.stdout.count("no usable Python") == len(hosts.hosts)

@@ -7,6 +7,7 @@ and what to do about it; nothing here waits without a timeout.
 import base64
 import getpass
 import hashlib
+import logging
 import os
 import select
 import socket
@@ -17,6 +18,9 @@ import time
 import paramiko
 
 DEFAULT_KNOWN_HOSTS = os.path.expanduser("~/.ssh/known_hosts")
+# paramiko's threads log what we report per host anyway (with a traceback).
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
 _known_hosts_lock = threading.Lock()      # threads of one run accept keys into one file
 
 
@@ -117,6 +121,11 @@ class Connection:
             raise HostError(f"unreachable: {self.host.host}:{self.port} did not answer within "
                             f"{options.timeout:g} s") from None
         except (OSError, EOFError, paramiko.SSHException) as exc:
+            transport = client.get_transport()
+            if "banner" in str(exc) or (transport is not None and not transport.remote_version):
+                raise HostError(f"unreachable: {self.host.host}:{self.port} took the connection "
+                                f"but no SSH server answered within {options.timeout:g} s "
+                                "(wrong port, or the host is hung)") from None
             raise HostError(f"SSH to {where} failed: {exc or type(exc).__name__}") from None
         return self
 
