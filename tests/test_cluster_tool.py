@@ -293,10 +293,10 @@ def test_upgrade_installs_minray_and_restarts_the_nodes(bare_hosts, tmp_path):
     assert up.returncode == 0, up.stdout + up.stderr
 
     # Again from a given wheel: the nodes restart on it and re-register.
+    from minray.cluster_tool.commands import build_wheel
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(wheels), REPO], check=True, timeout=900)
-    wheel = next(wheels.glob("minray-*.whl"))
+    wheels.mkdir()
+    wheel = build_wheel(str(wheels))          # as `upgrade` builds it
     second = hosts.run("upgrade", "--wheel", str(wheel), extra=options, timeout=900)
     assert second.returncode == 0, second.stdout + second.stderr
     assert second.stdout.count("node restarted") == len(hosts.hosts)
