@@ -143,8 +143,9 @@ TO_NODE_MANAGER_FROM_PEERS = {
     "locate_actor": ("actor_id",),
     "actor_host": ("actor_id", "address"),
     # Output for a job whose driver is the receiver's way: [(job_id, prefix,
-    # stream, text)], prefix "label pid=N, ip=A" (minray.node_manager.output).
-    "forwarded_output": ("chunks",),
+    # stream, text)], prefix "label pid=N, ip=A", and the nodes it passed
+    # (minray.node_manager.output).
+    "forwarded_output": ("hops", "chunks"),
 }
 PEER_ONLY = frozenset(TO_NODE_MANAGER_FROM_PEERS)
 TO_NODE_MANAGER.update(TO_NODE_MANAGER_FROM_PEERS)

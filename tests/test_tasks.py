@@ -940,6 +940,37 @@ def test_worker_output_reaches_the_driver_with_its_name_and_pid():
     assert "to stderr" not in quiet.stdout + quiet.stderr
 
 
+def test_output_of_forked_children_and_endless_lines():
+    code = """
+        import os, sys
+        import minray
+        minray.init(num_cpus=1)
+
+        @minray.remote
+        def forks():
+            print("parent before")
+            pid = os.fork()
+            if pid == 0:
+                print("from the child " * 20000)   # a forked child: to the original stream
+                sys.stdout.flush()
+                os._exit(0)
+            os.waitpid(pid, 0)
+            sys.stdout.write("x" * 100_000)        # a line that never ends
+            print("parent after")
+            return 1
+
+        print("RESULT", sum(minray.get([forks.remote() for _ in range(3)])))
+        minray.shutdown()
+    """
+    proc = run_driver(code)
+    assert "RESULT 3" in proc.stdout, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("(forks pid=") and line.endswith("parent before")
+               for line in lines) == 3
+    assert sum(line.endswith("parent after") for line in lines) == 3
+    assert sum(line.count("x") >= 100_000 - 64 * 1024 for line in lines) >= 3
+
+
 def test_finished_tasks_are_listed_in_the_tasks_table():
     @minray.remote
     def listed_task(x):

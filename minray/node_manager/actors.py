@@ -124,6 +124,7 @@ class ActorManager(ActorsAcrossNodes):
         self.peers = None
         self.remote = {}                  # actor id -> Peer of the node hosting it
         self.locating = {}                # actor id -> (owner Peer, parked calls)
+        self.awaiting_creation = {}       # actor id -> calls that came before its "create"
         # Names are unique in the whole cluster: the head keeps those of
         # actors created on other nodes, (namespace, name) -> (record,
         # address of the creating node); other nodes ask it (name requests).
@@ -239,10 +240,10 @@ class ActorManager(ActorsAcrossNodes):
     # ------------------------------------------------------------ calls
     def on_call(self, conn, fields):
         spec = parse_spec(ActorCallSpec, fields)
-        if self._must_locate(conn, spec):
-            return
         for index in range(1, spec.num_returns + 1):
             self.objects.expect(ids.return_object_id(spec.task_id, index), conn)
+        if self._must_locate(conn, spec) or self._before_its_creation(conn, spec):
+            return
         task = Task(spec.task_id, spec, {}, 0, conn)
         task.extra = "call"
         actor = self.actors.get(spec.actor_id)

@@ -18,11 +18,19 @@ created on other nodes, (namespace, name) -> (record, address of the
 creating node); other nodes claim, look up and release names there ("name"
 requests, answered with "name_reply").
 """
+import asyncio
+
 from minray import ids
+from minray._core.scheduler import Task
 from minray.exceptions import ActorDiedError
 from minray.node_manager.objects import error_object
 
 PENDING, ALIVE, RESTARTING, DEAD = "PENDING", "ALIVE", "RESTARTING", "DEAD"
+# How long calls wait for an owner's answer to "locate_actor" (a link that
+# broke may have lost it: they then go through the owner), and how long a
+# host keeps calls that came before the "create" of their actor.
+LOCATE_TIMEOUT_S = 10.0
+CREATION_WAIT_S = 30.0
 
 
 class ActorsAcrossNodes:
@@ -72,6 +80,32 @@ class ActorsAcrossNodes:
         """Another node asks us to host an actor created there."""
         self.objects.adopt_foreign(arg_owners, self.peers)
         self.on_create(owner, spec, 0)
+        early = self.awaiting_creation.pop(spec["actor_id"], None)
+        if early is not None:
+            self._send_parked(early)
+
+    def _before_its_creation(self, conn, spec):
+        """A call another node sent us for an actor we don't know: its owner
+        said we host it, and its "create" (on another link) is still on the
+        way. Keep it (in order) until that comes; True if kept."""
+        if conn.role != "node" or spec.actor_id in self.actors or spec.actor_id in self.remote:
+            return False
+        early = self.awaiting_creation.get(spec.actor_id)
+        if early is None:
+            early = self.awaiting_creation[spec.actor_id] = []
+            asyncio.get_running_loop().call_later(
+                CREATION_WAIT_S, self._creation_overdue, spec.actor_id)
+        early.append((conn, spec))
+        return True
+
+    def _creation_overdue(self, actor_id):
+        early = self.awaiting_creation.pop(actor_id, None)
+        if early is None:
+            return
+        for conn, spec in early:
+            task = Task(spec.task_id, spec, {}, 0, conn)
+            self.tasks.fail_with(task, ActorDiedError(
+                f"no actor {actor_id.hex()} on this node: its creation never came"))
 
     def on_call_forwarded(self, caller, fields, arg_owners):
         """A call of an actor we host, or know the host of, from another node."""
@@ -97,6 +131,8 @@ class ActorsAcrossNodes:
                 return False
             locating = self.locating[actor_id] = (owner, [])
             owner.send(("locate_actor", actor_id))
+            asyncio.get_running_loop().call_later(LOCATE_TIMEOUT_S, self._locate_overdue,
+                                                  actor_id, locating)
         locating[1].append((conn, spec))
         return True
 
@@ -108,20 +144,29 @@ class ActorsAcrossNodes:
 
     def on_actor_host(self, peer, actor_id, address):
         """The owner's answer: send the parked calls, and later ones, there."""
-        locating = self.locating.pop(actor_id, None)
-        if locating is None:
-            return
-        if not isinstance(address, str) or address in (peer.address, self.objects.address):
-            host = peer
-        else:
+        locating = self.locating.get(actor_id)
+        if locating is None or locating[0] is not peer:
+            return                      # not asked, or not of the node we asked
+        del self.locating[actor_id]
+        nodes = self.cluster.nodes if self.cluster is not None else {}
+        if (isinstance(address, str) and address not in (peer.address, self.objects.address)
+                and address in nodes and nodes[address].alive):
             host = self.peers.get(address)
+        else:
+            host = peer                 # through the owner, which passes calls on
         self.remote.setdefault(actor_id, host)
         self._send_parked(locating[1])
+
+    def _locate_overdue(self, actor_id, locating):
+        if self.locating.get(actor_id) is locating:
+            del self.locating[actor_id]
+            self.remote.setdefault(actor_id, locating[0])
+            self._send_parked(locating[1])
 
     def _send_parked(self, parked):
         for conn, spec in parked:
             if not conn.closed:
-                self.on_call(conn, tuple(spec))
+                self.on_call(conn, tuple(spec))     # (its results are expected already)
 
     def _host_of(self, actor_id):
         """The peer to send a call of an actor not hosted here, or None."""

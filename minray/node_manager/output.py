@@ -4,7 +4,10 @@ A worker sends its tasks' output tagged with the job id (minray.worker.output).
 The job's driver is either connected to this node manager, or reached through
 the peer the job's work came from: the first node that sent us a task, actor
 or call of the job. That node in turn knew the job earlier, so following
-first-learned routes leads to the driver's node without loops.
+first-learned routes leads to the driver's node. (Routes of a job whose
+driver has left can go stale; output never goes back to the node it came
+from, nor through more than MAX_HOPS nodes.) It normally arrives before the
+results it goes with, which travel the same links.
 
 Output no driver wants (the driver left, or a detached actor of a finished
 job) goes to this node manager's own stdout when that is the terminal of the
@@ -18,6 +21,7 @@ from minray import ids
 
 STDOUT, STDERR = 1, 2
 ROUTES_MAX = 10_000            # jobs whose way to the driver is remembered
+MAX_HOPS = 8                   # nodes forwarded output may pass (routes can go stale)
 
 log = logging.getLogger("minray.node_manager")
 
@@ -49,7 +53,8 @@ class OutputRouter:
         """A task, actor or call (by its id) came from peer: its job's driver
         is that way, unless we already know a way."""
         job_id = work_id[:ids.JOB_ID_SIZE]
-        if job_id in self.routes or job_id in self.drivers:
+        known = self.routes.get(job_id)
+        if (known is not None and not known.closed) or job_id in self.drivers:
             return
         if len(self.routes) >= ROUTES_MAX:
             del self.routes[next(iter(self.routes))]      # the oldest
@@ -60,14 +65,15 @@ class OutputRouter:
         """A worker's ("output", [(job id, label, stream, text)])."""
         pid = conn.worker.pid if conn.worker is not None else "?"
         self._route([(job_id, f"{label} pid={pid}", stream_no, text)
-                     for job_id, label, stream_no, text in _checked(chunks)],
-                    from_peer=False)
+                     for job_id, label, stream_no, text in _checked(chunks)])
 
-    def from_peer(self, peer, chunks):
-        """Another node's ("forwarded_output", [(job id, prefix, stream, text)])."""
-        self._route(list(_checked(chunks)), from_peer=True)
+    def from_peer(self, peer, hops, chunks):
+        """Another node's ("forwarded_output", hops, [(job id, prefix, stream, text)])."""
+        if type(hops) is not int:
+            raise ValueError(f"hops must be an int, got {hops!r:.40}")
+        self._route(list(_checked(chunks)), source=peer, hops=hops)
 
-    def _route(self, chunks, from_peer):
+    def _route(self, chunks, source=None, hops=0):
         to_drivers, to_peers = {}, {}
         for job_id, prefix, stream_no, text in chunks:
             driver = self.drivers.get(job_id)
@@ -75,8 +81,9 @@ class OutputRouter:
                 to_drivers.setdefault(driver, []).append((prefix, stream_no, text))
                 continue
             peer = self.routes.get(job_id)
-            if peer is not None and not peer.closed and job_id not in self.quiet_jobs:
-                if not from_peer:
+            if (peer is not None and not peer.closed and peer is not source
+                    and hops < MAX_HOPS and job_id not in self.quiet_jobs):
+                if source is None:
                     prefix = f"{prefix}, ip={self.node_ip}"
                 to_peers.setdefault(peer, []).append((job_id, prefix, stream_no, text))
             elif self.print_unrouted and job_id not in self.quiet_jobs:
@@ -86,7 +93,7 @@ class OutputRouter:
         for driver, driver_chunks in to_drivers.items():
             driver.send(("output", driver_chunks))
         for peer, peer_chunks in to_peers.items():
-            peer.send(("forwarded_output", peer_chunks))
+            peer.send(("forwarded_output", hops + 1, peer_chunks))
 
 
 def _checked(chunks):

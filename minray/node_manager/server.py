@@ -301,8 +301,11 @@ class NodeManager:
         """A handler of work sent by a peer (its spec first, the spec's id
         first): the job's output goes back that way."""
         def handle_work(peer, spec, *fields):
-            if isinstance(spec, tuple) and spec and isinstance(spec[0], bytes):
-                self.output.learn_route(spec[0], peer)
+            # (a task or call spec is a tuple, an actor's creation a dict)
+            work_id = spec.get("actor_id") if isinstance(spec, dict) else \
+                spec[0] if isinstance(spec, tuple) and spec else None
+            if isinstance(work_id, bytes):
+                self.output.learn_route(work_id, peer)
             handler(peer, spec, *fields)
         return handle_work
 

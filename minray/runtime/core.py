@@ -45,8 +45,11 @@ def print_output(chunks):
     for prefix, stream_no, text in chunks:
         stream = sys.stderr if stream_no == 2 else sys.stdout
         lead = f"({prefix}) "
-        stream.write("".join(lead + line + "\n" for line in text.splitlines()))
-        stream.flush()
+        try:
+            stream.write("".join(lead + line + "\n" for line in text.splitlines()))
+            stream.flush()
+        except (OSError, ValueError):
+            return          # our stdout is closed or a closed pipe (| head): nowhere to print
 
 
 class RequestFailed(str):
@@ -88,6 +91,8 @@ class CoreClient:
         self.pending_escape = []
         self.pending_giveback = []   # worker: tasks to hand back, read while lending
         self.pending_output = collections.deque()   # worker: (job, label, stream, text)
+        self.output_lock = threading.Lock()          # for the two counts
+        self.output_waiting = threading.Event()      # much output: send it now
         self.pending_output_chars = 0
         self.dropped_output_chars = 0
         self.actor_id = None         # worker: the actor it hosts
@@ -199,7 +204,8 @@ class CoreClient:
         it and, past a limit, drop it).
         """
         while not self.closed:
-            time.sleep(BOOKKEEPING_DELAY_S)
+            self.output_waiting.wait(BOOKKEEPING_DELAY_S)
+            self.output_waiting.clear()
             try:
                 if self._has_bookkeeping() and not self.closed:
                     self._send_bookkeeping()
@@ -250,34 +256,34 @@ class CoreClient:
     def queue_output(self, chunk):
         """Queue (job id, label, stream number, text) a worker's task printed."""
         size = len(chunk[3])
-        if self.pending_output_chars + size > OUTPUT_PENDING_MAX:
-            self.dropped_output_chars += size
-            return
-        self.pending_output.append(chunk)
-        self.pending_output_chars += size
-        # Not blocking: the printing thread may be one that holds send_lock
-        # (minray reporting something while it sends); then it goes later.
-        if self.pending_output_chars > OUTPUT_SEND_BYTES and self.send_lock.acquire(False):
-            try:
-                self._send_locked(b"".join(self._bookkeeping_frames()))
-            except OSError:
-                pass                    # the connection is gone; the next send says so
-            finally:
-                self.send_lock.release()
+        with self.output_lock:
+            if self.pending_output_chars + size > OUTPUT_PENDING_MAX:
+                self.dropped_output_chars += size
+                return
+            self.pending_output.append(chunk)
+            self.pending_output_chars += size
+            much = self.pending_output_chars > OUTPUT_SEND_BYTES
+        # Sent by the bookkeeping thread, never from here: the printing
+        # thread may hold send_lock or be the one reading (minray reporting
+        # something), and sending could then wait for itself.
+        if much and not self.output_waiting.is_set():
+            self.output_waiting.set()
 
     def _output_frames(self):
         frames, chunks, size = [], [], 0
         pending = self.pending_output
         while pending:
             chunk = pending.popleft()
-            self.pending_output_chars -= len(chunk[3])
+            with self.output_lock:
+                self.pending_output_chars -= len(chunk[3])
             if chunks and size + len(chunk[3]) > OUTPUT_MESSAGE_CHARS:
                 frames.append(wire.encode(("output", chunks)))
                 chunks, size = [], 0
             chunks.append(chunk)
             size += len(chunk[3])
         if self.dropped_output_chars and chunks:
-            dropped, self.dropped_output_chars = self.dropped_output_chars, 0
+            with self.output_lock:
+                dropped, self.dropped_output_chars = self.dropped_output_chars, 0
             chunks.append((chunks[-1][0], chunks[-1][1], 2,
                            f"minray: {dropped} characters of output were dropped: printed "
                            "faster than they could be sent\n"))

@@ -233,6 +233,7 @@ class Executor:
         self.flush()
         # Before actor_exit: the node manager then kills this process.
         atexit._run_exitfuncs()
+        self.end_output()                 # (its output rides ahead of actor_exit)
         self.client.send(("actor_exit",))
         sys.stdout.flush()
         sys.stderr.flush()
@@ -425,6 +426,7 @@ class ConcurrentCalls:
             executor.exit_actor()
         except Exception as exc:
             error_text, results = executor.encode_error(name, return_ids, exc)
+        executor.end_output()
         return (task_id, results, time.perf_counter() - started, error_text), result
 
 

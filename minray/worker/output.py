@@ -18,7 +18,7 @@ from minray import ids
 from minray.runtime_context import current_task
 
 STDOUT, STDERR = 1, 2
-PIECE_CHARS = 64 * 1024           # the most text in one queued piece
+PIECE_CHARS = 64 * 1024           # the most text in one queued piece, or one partial line
 
 
 class OutputForwarder:
@@ -29,6 +29,8 @@ class OutputForwarder:
         self.label = "worker"         # the running task's function, or the actor's class
 
     def queue(self, stream_no, text):
+        if self.client is None:             # (a forked child's copy)
+            return
         task_id = current_task.get() or self.client.current_task_id
         job_id = task_id[:ids.JOB_ID_SIZE]
         for start in range(0, len(text), PIECE_CHARS):
@@ -65,7 +67,9 @@ class ForwardedStream:
             end = text.rfind("\n")
             if end < 0:
                 self.partial += text
-                return len(text)
+                if len(self.partial) < PIECE_CHARS:
+                    return len(text)
+                end = len(text) - 1       # a line that never ends (progress bars): send it
             complete = self.partial + text[:end + 1]
             self.partial = text[end + 1:]
         self.forwarder.queue(self.stream_no, complete)
@@ -127,4 +131,17 @@ def forward_output(client, copy_to_files):
         copy_to = PrefixedStream(original) if copy_to_files else None
         streams.append(ForwardedStream(forwarder, stream_no, original, copy_to))
     sys.stdout, sys.stderr = streams
+    # A process forked by a task (multiprocessing) shares our socket but not
+    # our threads: it prints to the original streams instead.
+    os.register_at_fork(after_in_child=lambda: _restore(streams))
     return forwarder, streams
+
+
+def _restore(streams):
+    import sys
+    if sys.stdout is streams[0]:
+        sys.stdout = streams[0].original
+    if sys.stderr is streams[1]:
+        sys.stderr = streams[1].original
+    for stream in streams:
+        stream.forwarder.client = None

@@ -67,7 +67,7 @@ def _become_worker(request):
                    log_file=bool(request.get("log_file")))
     except BaseException:
         import traceback
-        traceback.print_exc()
+        traceback.print_exc(file=sys.__stderr__)    # (not forwarded: we exit now)
         code = 1
     finally:
         sys.stdout.flush()
