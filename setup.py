@@ -43,7 +43,7 @@ setup(
         "lmdb",
         "pyarrow",
         "psutil",
-        "paramiko",
+        "paramiko>=3.1",         # minray-cluster (SSH); 3.1 added connect(channel_timeout=)
     ],
     extras_require={
         # The suite runs every example's smoke mode, so it needs their extras.

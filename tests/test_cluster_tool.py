@@ -14,7 +14,7 @@ from sshd_hosts import FakeHost, keygen
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST_IPS = ("127.0.0.2", "127.0.0.3")
-TOKEN_PATH = os.path.expanduser("~/.minray/cluster-token")
+STATE_DIR = os.path.expanduser("~/.minray")     # the hosts' (this machine's user's)
 
 
 class Hosts:
@@ -27,8 +27,9 @@ class Hosts:
         self.known_hosts = tmp_path / "known_hosts"
         self.known_hosts.write_text("".join(h.known_hosts_line + "\n" for h in hosts))
         # This machine's own minray (the head) keeps to a session root of the
-        # test's, apart from any other cluster here.
-        self.env = dict(os.environ, PYTHONPATH=REPO,
+        # test's, apart from any other cluster here; HOME too (the tool reads
+        # ~/.ssh/known_hosts: only the test's known hosts count).
+        self.env = dict(os.environ, PYTHONPATH=REPO, HOME=str(tmp_path / "home"),
                         MINRAY_SESSION_ROOT=str(tmp_path / "head-sessions"))
         self.workers = tmp_path / "workers.txt"
         self.workers.write_text("# the test cluster\n\n"
@@ -45,12 +46,16 @@ class Hosts:
                               env=self.env)
 
 
+def table_line(output, host):
+    """The host's row in a minray-cluster report."""
+    return next(l for l in output.splitlines() if l.startswith(host.spec + " "))
+
+
 @contextlib.contextmanager
 def fake_hosts(tmp_path, python_path):
     """The fake hosts; afterwards every minray node they or the head ran is stopped."""
     user_key = tmp_path / "user_key"
     public = keygen(user_key, "minray-test-user")
-    token_existed = os.path.exists(TOKEN_PATH)
     made = []
     try:
         for ip in HOST_IPS:
@@ -65,8 +70,6 @@ def fake_hosts(tmp_path, python_path):
                        capture_output=True, timeout=120, env=dict(
                            os.environ, PYTHONPATH=REPO,
                            MINRAY_SESSION_ROOT=str(tmp_path / "head-sessions")))
-        if not token_existed and os.path.exists(TOKEN_PATH):
-            os.unlink(TOKEN_PATH)
 
 
 @pytest.fixture
@@ -87,7 +90,10 @@ def test_up_runs_a_job_on_every_host_then_status_and_down(hosts):
     up = hosts.run("up", extra=("--num-cpus", "1"))
     assert up.returncode == 0, up.stdout + up.stderr
     for host in hosts.hosts:
-        assert host.spec in up.stdout and "started" in up.stdout
+        line = table_line(up.stdout, host)
+        assert " started " in line and host.ip in line, up.stdout
+    # The token went to each host in a file of its own, removed once read.
+    assert not [f for f in os.listdir(STATE_DIR) if f.startswith("token-")]
     head_address = re.search(r"head at (\S+?)\. Connect", up.stdout).group(1)
 
     # A job on the cluster `up` made: its tasks land on the head and every host.
@@ -110,8 +116,9 @@ def test_up_runs_a_job_on_every_host_then_status_and_down(hosts):
     # Idempotent: nothing new starts.
     again = hosts.run("up")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert again.stdout.count("already running") == len(hosts.hosts)
-    assert "started" not in again.stdout.replace("Started", "")
+    for host in hosts.hosts:
+        assert "already running" in table_line(again.stdout, host), again.stdout
+    assert " started" not in again.stdout
 
     status = hosts.run("status")
     assert status.returncode == 0, status.stdout + status.stderr
@@ -281,7 +288,7 @@ def test_upgrade_installs_minray_and_restarts_the_nodes(bare_hosts, tmp_path):
     first = hosts.run("upgrade", extra=options, timeout=900)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "Building a wheel" in first.stdout
-    assert first.stdout.count("installed") >= len(hosts.hosts)
+    assert all("installed" in table_line(first.stdout, h) for h in hosts.hosts)
     version = subprocess.run([python, "-c", "import minray, os; print(minray.__version__, "
                               "os.path.dirname(minray.__file__))"], capture_output=True,
                              text=True, cwd=str(tmp_path), env={
@@ -299,7 +306,8 @@ def test_upgrade_installs_minray_and_restarts_the_nodes(bare_hosts, tmp_path):
     wheel = build_wheel(str(wheels))          # as `upgrade` builds it
     second = hosts.run("upgrade", "--wheel", str(wheel), extra=options, timeout=900)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert second.stdout.count("node restarted") == len(hosts.hosts)
+    assert all("installed, node restarted" in table_line(second.stdout, h)
+               for h in hosts.hosts), second.stdout
     status = hosts.run("status", extra=options)
     assert status.returncode == 0, status.stdout
     assert status.stdout.count("alive") == len(hosts.hosts)
@@ -313,7 +321,8 @@ def test_a_host_that_hangs_during_up_is_reported_not_waited_for(hosts, tmp_path)
     wedged.chmod(0o755)
     result = hosts.run("up", extra=("--python", str(wedged), "--timeout", "8"), timeout=120)
     assert result.returncode == 1
-    assert result.stdout.count("did not finish within 8 s") == len(hosts.hosts)
-    assert result.stdout.count("not started") == len(hosts.hosts)
+    for host in hosts.hosts:
+        assert "not started" in table_line(result.stdout, host)
+        assert f"{host.spec}: `minray start` did not finish within 8 s" in result.stdout
     # The head came up and says so; the hosts stay reported as failed.
     assert "head at" in result.stdout

@@ -36,9 +36,10 @@ class Settings:
         self.head_port = head_port
 
 
-def on_every_host(hosts, settings, step):
+def on_every_host(hosts, settings, step, progress=False):
     """Run step(conn, row) for each host in parallel, with an open connection;
-    the rows (dicts with at least host, state, error), in workers.txt order."""
+    the rows (dicts with at least host, state, error), in workers.txt order.
+    progress: say each host's outcome as it comes."""
     rows = [{"host": host.name, "state": "", "error": ""} for host in hosts]
 
     def one(index):
@@ -47,6 +48,7 @@ def on_every_host(hosts, settings, step):
         conn = Connection(host, settings.ssh)
         try:
             conn.open()
+            row["reached"] = True
             step(conn, row)
         except HostError as exc:
             row["state"], row["error"] = row.get("failed_state") or "failed", str(exc)
@@ -56,6 +58,8 @@ def on_every_host(hosts, settings, step):
             conn.close()
             row.pop("failed_state", None)
             row["time"] = f"{time.monotonic() - started:.1f}s"
+            if progress:
+                say(f"{row['host']}: {row['state']}" + (" (see below)" if row["error"] else ""))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=settings.parallel) as pool:
         list(pool.map(one, range(len(hosts))))
@@ -96,9 +100,15 @@ def ensure_head(settings, head_ip):
 
 
 def cluster_nodes(head):
-    """The head's view of the cluster: address -> node row."""
+    """The head's view of the cluster: address -> node row ({} if the head
+    does not answer: every node then shows as not registered)."""
     from minray import node_launcher
-    rows = node_launcher.query_node(head.session_dir, "nodes") or []
+    try:
+        rows = node_launcher.query_node(head.session_dir, "nodes") or []
+    except Exception as exc:                  # a head stopped or hung under us
+        say(f"minray-cluster: the head at {head.address} did not answer ({exc})",
+            sys.stderr)
+        return {}
     return {row["address"]: row for row in rows}
 
 
@@ -115,23 +125,11 @@ def _ip(address):
 
 def up(hosts, settings):
     """Start a head here if none runs, then a node on every host that joins it."""
-    # The head's address: given, or how the first host sees us over SSH.
-    probes = {}
-
-    def look(conn, row):
-        probes[row["host"]] = (remote.probe(conn, settings.python), conn.local_address())
-        row["state"] = "reachable"
-
     head = local_head()
     head_ip = settings.head_address
     if head is None and head_ip is None:
-        seen = [r for r in on_every_host(hosts[:1], settings, look) if not r["error"]]
-        if seen:
-            found, local = probes[seen[0]["host"]]
-            head_ip = found.seen_client_ip or local
-        else:
-            head_ip = "127.0.0.1"
-    head, started = ensure_head(settings, head_ip or "127.0.0.1")
+        head_ip = _our_address(hosts, settings)
+    head, started = ensure_head(settings, head_ip)
     from minray import __version__ as head_version
     from minray.session import read_token
     token = read_token(head.session_dir)
@@ -159,10 +157,10 @@ def up(hosts, settings):
                             "reach: stop it (minray stop) and run up again, or start it with "
                             "--node-ip-address set to this machine's address")
         row["failed_state"] = "not started"
-        token_path = remote.send_token(conn, token)
         node_ip = found.own_ip or conn.host.host
-        remote.start_node(conn, found, head.address, token_path, node_ip, settings.node_args,
+        remote.start_node(conn, found, head.address, token, node_ip, settings.node_args,
                           settings.timeout)
+        row["failed_state"] = "started, not confirmed"
         after = remote.probe(conn, found.python)
         mine = after.nodes_of(head.address)
         if not mine:
@@ -170,9 +168,29 @@ def up(hosts, settings):
         row["state"], row["address"] = "started", mine[0]["address"]
         started_addresses[row["host"]] = mine[0]["address"]
 
-    rows = on_every_host(hosts, settings, start)
+    rows = on_every_host(hosts, settings, start, progress=True)
     _wait_registered(head, rows, settings.timeout)
     return rows, head
+
+
+def _our_address(hosts, settings):
+    """This machine's address as the hosts see it: from the first host that
+    answers over SSH (how the host sees the connection, else our end of it)."""
+    for host in hosts:
+        conn = Connection(host, settings.ssh)
+        try:
+            conn.open()
+            local = conn.local_address()
+            try:
+                return remote.probe(conn, settings.python, need_minray=False).seen_client_ip \
+                    or local
+            except HostError:
+                return local
+        except HostError:
+            continue
+        finally:
+            conn.close()
+    return "127.0.0.1"          # no host answers: they all fail below, each saying why
 
 
 def _wait_registered(head, rows, timeout):
@@ -261,8 +279,8 @@ def status(hosts, settings):
 
     rows = on_every_host(hosts, settings, look)
     for row in rows:
-        if row["error"]:
-            row["state"] = "unreachable" if row.get("minray") is None else row["state"]
+        if row["error"] and not row.get("reached"):
+            row["state"] = "unreachable"
     return rows, head
 
 
@@ -271,9 +289,13 @@ def status(hosts, settings):
 def execute(hosts, settings, command):
     """Run command (argv) on every host; each host's output under its name."""
     line = shlex.join(command)
+    # Ended there too when it overruns (where the host has coreutils' timeout).
+    bounded = (f"if command -v timeout >/dev/null 2>&1; then exec timeout -k "
+               f"{remote.KILL_GRACE_S} {max(1, int(settings.timeout))} {line}; "
+               f"else exec {line}; fi")
 
     def run(conn, row):
-        code, out, err = conn.run(line, settings.timeout)
+        code, out, err = conn.run(bounded, settings.timeout + remote.KILL_GRACE_S + 5)
         text = "".join(f"  {l}\n" for l in (out + err).splitlines())
         say(f"--- {row['host']} (exit {code})\n{text}".rstrip("\n"))
         row["state"], row["exit"] = ("ok" if code == 0 else "failed"), str(code)
@@ -313,7 +335,7 @@ def local_manifest(root):
     """{relative path: [size, sha256]} of root's files, by the same program
     the hosts run."""
     import subprocess
-    result = subprocess.run([sys.executable, "-c", _MANIFEST, root], capture_output=True,
+    result = subprocess.run([sys.executable, "-", root], input=_MANIFEST, capture_output=True,
                             text=True)
     manifest = _parse_manifest(result.stdout)
     if result.returncode != 0 or manifest is None:
@@ -332,9 +354,9 @@ def sync(hosts, settings, local_dir, remote_dir=None):
     total = sum(size for size, _ in manifest.values())
 
     def copy(conn, row):
-        found = remote.probe(conn, settings.python)
-        code, out, err = conn.run(shlex.join([found.python, "-c", _MANIFEST, remote_dir]),
-                                  settings.timeout)
+        found = remote.probe(conn, settings.python, need_minray=False)
+        code, out, err = conn.run(shlex.join([found.python, "-", remote_dir]),
+                                  settings.timeout, stdin_data=_MANIFEST)
         there = _parse_manifest(out)
         if code != 0 or there is None:
             raise HostError(f"could not list {remote_dir} there: {err.strip() or out.strip()}")
@@ -346,7 +368,7 @@ def sync(hosts, settings, local_dir, remote_dir=None):
             conn.make_dirs(os.path.dirname(target))
             source = os.path.join(local_dir, rel)
             conn.put(source, target)
-            conn.sftp.chmod(target, os.stat(source).st_mode & 0o777)
+            conn.chmod(target, os.stat(source).st_mode & 0o777)
             sent += 1
             sent_bytes += manifest[rel][0]
             if time.monotonic() - last_report > PROGRESS_INTERVAL_S:
@@ -397,51 +419,78 @@ def build_wheel(work_dir):
 def upgrade(hosts, settings, wheel=None, pip_spec=None, git_url=None):
     """Install minray on every host, then restart their nodes on it."""
     from minray import __version__ as head_version
+    from minray.session import read_token
     head = local_head()
+    token = read_token(head.session_dir) if head is not None else None
+
+    def restart(conn, row, found):
+        """Start the host's node again (after it was stopped to upgrade)."""
+        if head is None:
+            raise HostError("its node was stopped and no head runs on this machine: run "
+                            "minray-cluster up")
+        remote.start_node(conn, found, head.address, token, found.own_ip or conn.host.host,
+                          settings.node_args, settings.timeout)
+        restarted = remote.probe(conn, found.python).nodes_of(head.address)
+        if not restarted:
+            raise HostError("minray start reported success but no node runs there")
+        row["address"] = restarted[0]["address"]
 
     def install(conn, row):
         found = remote.probe(conn, settings.python, need_minray=False)
-        row["before"] = found.minray
+        row["before"] = row["minray"] = found.minray
+        copied = None
         if wheel is not None:
-            directory = f"{conn.home()}/{remote.TOKEN_DIR}/wheels"
+            # A directory of its own: hosts may share a home directory.
+            directory = f"{remote.state_dir(conn)}/wheel-{os.urandom(8).hex()}"
             conn.make_dirs(directory, mode=0o700)
-            target = f"{directory}/{os.path.basename(wheel)}"
+            copied = f"{directory}/{os.path.basename(wheel)}"
             say(f"{row['host']}: copying {os.path.basename(wheel)} ...")
-            conn.put(wheel, target)
-            spec = ["--force-reinstall", "--no-deps", target]
+            conn.put(wheel, copied)
+            # minray itself whatever version is there; its dependencies only if missing.
+            steps = [["--force-reinstall", "--no-deps", copied], [copied]]
         elif pip_spec is not None:
-            spec = ["--upgrade", pip_spec]
+            steps = [["--upgrade", pip_spec]]
         else:
-            spec = ["--upgrade", f"git+{git_url}"]
-        say(f"{row['host']}: pip install {' '.join(spec)}")
+            steps = [["--upgrade", f"git+{git_url}"]]
         had_nodes = bool(found.nodes)
         if had_nodes:
             remote.stop_nodes(conn, found, settings.timeout)
-        code, out, err = conn.run(shlex.join([found.python, "-m", "pip", "install", "-q",
-                                              *spec]), max(settings.timeout, 600))
-        if code != 0:
+        try:
+            for spec in steps:
+                say(f"{row['host']}: pip install {' '.join(spec)}")
+                code, out, err = conn.run(
+                    shlex.join([found.python, "-m", "pip", "install", "-q", *spec]),
+                    max(settings.timeout, 600))
+                if code != 0:
+                    lines = (err or out).strip().splitlines()
+                    raise HostError(f"pip install failed: {lines[-1] if lines else code}")
+        except HostError as exc:
             row["failed_state"] = "not installed"
-            raise HostError(f"pip install failed: {(err or out).strip().splitlines()[-1:]}")
+            if had_nodes and found.minray is not None:
+                try:
+                    restart(conn, row, found)          # back on the version it had
+                    row["failed_state"] = "not installed, node restarted"
+                except HostError as again:
+                    exc = HostError(f"{exc}; restarting its node failed: {again}")
+            raise exc from None
+        finally:
+            if copied is not None:
+                conn.remove(copied)
+                conn.remove(os.path.dirname(copied), directory=True)
         after = remote.probe(conn, found.python)
         row["minray"] = after.minray
         row["state"] = "installed"
         if after.minray != head_version:
-            row["error"] = (f"the host now has minray {after.minray} but the head runs "
+            raise HostError(f"the host now has minray {after.minray} but the head runs "
                             f"{head_version}: its node was not restarted (it would be refused); "
                             "install the same version on this machine and run minray-cluster up")
-            return
-        if had_nodes and head is not None:
-            from minray.session import read_token
-            token_path = remote.send_token(conn, read_token(head.session_dir))
-            remote.start_node(conn, after, head.address, token_path,
-                              found.own_ip or conn.host.host, settings.node_args,
-                              settings.timeout)
-            restarted = remote.probe(conn, after.python).nodes_of(head.address)
+        if had_nodes:
+            row["failed_state"] = "installed, node not restarted"
+            restart(conn, row, after)
             row["state"] = "installed, node restarted"
-            row["address"] = restarted[0]["address"] if restarted else None
 
-    rows = on_every_host(hosts, settings, install)
+    rows = on_every_host(hosts, settings, install, progress=True)
     if head is not None:
         _wait_registered(head, [r for r in rows if r.get("address")], settings.timeout)
-    versions = {row.get("minray") for row in rows if row.get("minray")} | {head_version}
+    versions = {row["minray"] for row in rows if row.get("minray")} | {head_version}
     return rows, versions

@@ -5,6 +5,8 @@ Every failure is a HostError whose message says what went wrong on that host
 and what to do about it; nothing here waits without a timeout.
 """
 import base64
+import contextlib
+import errno
 import getpass
 import hashlib
 import logging
@@ -89,7 +91,7 @@ class Connection:
             client.load_system_host_keys()
             if options.known_hosts and os.path.exists(options.known_hosts):
                 client.load_host_keys(options.known_hosts)
-        except (OSError, paramiko.SSHException) as exc:
+        except (OSError, paramiko.SSHException, paramiko.hostkeys.InvalidHostKey) as exc:
             raise HostError(f"can't read the known-hosts file: {exc}") from None
         client.set_missing_host_key_policy(_AcceptNewOrRefuse(options))
         try:
@@ -102,21 +104,26 @@ class Connection:
         except HostError:
             raise
         except paramiko.BadHostKeyException as exc:
-            known = options.known_hosts or DEFAULT_KNOWN_HOSTS
+            files = " and ".join(f for f in (DEFAULT_KNOWN_HOSTS, options.known_hosts) if f)
+            name = self.host.host if self.port == 22 else f"[{self.host.host}]:{self.port}"
             raise HostError(
                 f"the host key of {where} CHANGED (now {fingerprint(exc.key)}): refused, as "
                 "ssh does. If the host was reinstalled, remove its old key with "
-                f"`ssh-keygen -R '[{self.host.host}]:{self.port}' -f {known}` and accept the "
-                "new one") from None
+                f"`ssh-keygen -R '{name}' -f FILE` ({files}) and accept the new one") from None
         except paramiko.AuthenticationException as exc:
             how = f"the key {options.key}" if options.key else "the SSH agent and ~/.ssh keys"
             raise HostError(f"authentication as {self.user} failed with {how} ({exc}): "
                             "check --ssh-user and --ssh-key") from None
         except socket.gaierror as exc:
             raise HostError(f"unknown host name {self.host.host!r} ({exc.strerror})") from None
-        except (ConnectionRefusedError, paramiko.ssh_exception.NoValidConnectionsError):
-            raise HostError(f"connection refused by {self.host.host}:{self.port}: is sshd "
-                            "running there, on that port (--ssh-port or host:port)?") from None
+        except (ConnectionRefusedError, paramiko.ssh_exception.NoValidConnectionsError) as exc:
+            errors = getattr(exc, "errors", {}).values()
+            if isinstance(exc, ConnectionRefusedError) or any(
+                    getattr(e, "errno", None) == errno.ECONNREFUSED for e in errors):
+                raise HostError(f"connection refused by {self.host.host}:{self.port}: is sshd "
+                                "running there, on that port (--ssh-port or host:port)?") from None
+            raise HostError(f"unreachable: {self.host.host}:{self.port} "
+                            f"({'; '.join(str(e) for e in errors) or exc})") from None
         except (socket.timeout, TimeoutError):
             raise HostError(f"unreachable: {self.host.host}:{self.port} did not answer within "
                             f"{options.timeout:g} s") from None
@@ -152,8 +159,10 @@ class Connection:
                     out += channel.recv(65536)
                 while channel.recv_stderr_ready():
                     err += channel.recv_stderr(65536)
-                if channel.exit_status_ready() and not channel.recv_ready() \
-                        and not channel.recv_stderr_ready():
+                # Done when it exited and sent all it wrote (EOF after the
+                # exit status can still bring data).
+                if channel.exit_status_ready() and channel.eof_received \
+                        and not channel.recv_ready() and not channel.recv_stderr_ready():
                     break
                 if time.monotonic() > deadline:
                     raise HostError(f"`{_short(command)}` did not finish within {timeout:g} s")
@@ -167,43 +176,70 @@ class Connection:
     @property
     def sftp(self):
         if self._sftp is None:
-            try:
+            with _sftp_errors("opening SFTP"):
                 self._sftp = self.client.open_sftp()
                 self._sftp.get_channel().settimeout(self.options.timeout)
-            except (OSError, EOFError, paramiko.SSHException) as exc:
-                raise HostError(f"SFTP is not available on the host: {exc}") from None
         return self._sftp
 
     def home(self):
-        return self.sftp.normalize(".")
+        with _sftp_errors("finding the home directory"):
+            return self.sftp.normalize(".")
 
     def make_dirs(self, path, mode=0o755):
         """mkdir -p over SFTP."""
         parts = [p for p in path.split("/") if p]
         current = "" if path.startswith("/") else "."
-        for part in parts:
-            current = f"{current}/{part}"
-            try:
-                if not stat.S_ISDIR(self.sftp.stat(current).st_mode):
-                    raise HostError(f"{current} exists on the host and is not a directory")
-            except FileNotFoundError:
-                self.sftp.mkdir(current, mode)
+        with _sftp_errors(f"making {path}"):
+            for part in parts:
+                current = f"{current}/{part}"
+                try:
+                    if not stat.S_ISDIR(self.sftp.stat(current).st_mode):
+                        raise HostError(f"{current} exists on the host and is not a directory")
+                except FileNotFoundError:
+                    self.sftp.mkdir(current, mode)
+
+    def chmod(self, path, mode):
+        with _sftp_errors(f"chmod of {path}"):
+            self.sftp.chmod(path, mode)
 
     def write_private(self, path, data):
-        """Write a file only its owner can read (0600 before any byte is in it)."""
-        with self.sftp.open(path, "w") as f:
-            f.chmod(0o600)
-            f.write(data)
+        """Write a new file only its owner can read (0600 before any byte is in it)."""
+        with _sftp_errors(f"writing {path}"):
+            with self.sftp.open(path, "wx") as f:
+                f.chmod(0o600)
+                f.write(data)
+
+    def remove(self, path, directory=False):
+        """Delete a file (or an empty directory) if it is there (best effort:
+        the step's own error matters more)."""
+        try:
+            (self.sftp.rmdir if directory else self.sftp.remove)(path)
+        except (OSError, EOFError, paramiko.SSHException, HostError):
+            pass
 
     def put(self, local_path, remote_path, progress=None):
-        self.sftp.put(local_path, remote_path, callback=progress)
+        with _sftp_errors(f"copying {local_path} to {remote_path}"):
+            self.sftp.put(local_path, remote_path, callback=progress)
 
     def close(self):
         try:
             if self._sftp is not None:
                 self._sftp.close()
-        finally:
             self.client.close()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass                    # (closing a broken connection)
+
+
+@contextlib.contextmanager
+def _sftp_errors(what):
+    try:
+        yield
+    except HostError:
+        raise
+    except (OSError, EOFError, paramiko.SSHException) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+            (str(exc) or type(exc).__name__)
+        raise HostError(f"{what} over SFTP failed: {why}") from None
 
 
 def _short(command, limit=60):
