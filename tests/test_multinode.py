@@ -213,6 +213,49 @@ def test_refs_pickled_outside_minray_resolve_on_another_node(cluster):
     assert minray.get(load_and_get.remote(blobs[1])).sum() == np.arange(1_000_000).sum()
 
 
+def test_an_actor_whose_node_dies_restarts_on_another_node(cluster):
+    from minray.exceptions import ActorDiedError
+    nodes = {add_worker_node(cluster, n, workers=1).node_id: n for n in (2, 3)}
+    minray.init(address=cluster.address)
+
+    @minray.remote(resources={"workers": 1}, max_restarts=1)
+    class Counter:
+        def __init__(self):
+            self.count = 0
+
+        def inc(self):
+            self.count += 1
+            return self.count, minray.get_runtime_context().get_node_id()
+
+    counter = Counter.options(name="survivor").remote()
+    assert [minray.get(counter.inc.remote())[0] for _ in range(3)] == [1, 2, 3]
+    first_host = minray.get(counter.inc.remote())[1]
+    victim = next(n for n in cluster.list_all_nodes() if n.node_id == first_host)
+    cluster.remove_node(victim, allow_graceful=False)
+
+    # Calls made meanwhile fail (they ran on the dead node) or wait for the
+    # restart; then the actor answers from the other node, constructor re-run.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            count, host = minray.get(counter.inc.remote(), timeout=60)
+            break
+        except ActorDiedError:
+            assert time.monotonic() < deadline, "the actor was not restarted"
+    assert host != first_host and host in nodes
+    assert count == 1
+    assert minray.get(minray.get_actor("survivor").inc.remote())[0] == 2   # name kept
+
+    # No restarts left: its next node's death is final.
+    cluster.remove_node(next(n for n in cluster.list_all_nodes() if n.node_id == host),
+                        allow_graceful=False)
+    with pytest.raises(ActorDiedError, match="max_restarts exhausted|no live node"):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            minray.get(counter.inc.remote(), timeout=60)
+            time.sleep(0.1)
+
+
 def wait_for_file(path, timeout=30):
     deadline = time.monotonic() + timeout
     while not path.exists() and time.monotonic() < deadline:

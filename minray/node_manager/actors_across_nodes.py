@@ -19,6 +19,7 @@ creating node); other nodes claim, look up and release names there ("name"
 requests, answered with "name_reply").
 """
 import asyncio
+import logging
 
 from minray import ids
 from minray._core.scheduler import Task
@@ -26,6 +27,7 @@ from minray.exceptions import ActorDiedError
 from minray.node_manager.objects import error_object
 
 PENDING, ALIVE, RESTARTING, DEAD = "PENDING", "ALIVE", "RESTARTING", "DEAD"
+log = logging.getLogger("minray.node_manager")
 # How long calls wait for an owner's answer to "locate_actor" (a link that
 # broke may have lost it: they then go through the owner), and how long a
 # host keeps calls that came before the "create" of their actor.
@@ -187,8 +189,9 @@ class ActorsAcrossNodes:
         self.tasks.release_args(actor.spec["args"], actor.spec["contained"])
 
     def node_died(self, address):
-        """Actors we placed on a dead node are dead (restarting them elsewhere
-        belongs to lineage reconstruction)."""
+        """Actors we placed on a dead node start again on a live node that
+        fits them while they have restarts left (max_restarts), and are dead
+        otherwise; calls that were running there have failed already."""
         for actor_id, (owner, parked) in list(self.locating.items()):
             if owner.address == address:
                 # Their calls now fail: the node that knew the actor is gone.
@@ -198,9 +201,40 @@ class ActorsAcrossNodes:
             if peer.address == address:
                 del self.remote[actor_id]
                 actor = self.actors.get(actor_id)
-                if actor is not None and actor.state != DEAD:
+                if actor is None or actor.state == DEAD:
+                    continue
+                if actor.restarts_left != 0 and not actor.released:
+                    self._restart_elsewhere(actor, address)
+                else:
                     self._forget_remote(actor, f"actor {actor.spec['class_name']} died: its "
-                                               f"node {address} died")
+                                               f"node {address} died (max_restarts exhausted)")
+
+    def _restart_elsewhere(self, actor, dead_address):
+        """Run an actor whose node died again (its constructor too), here or
+        on another live node that fits it; it keeps its id, name and handles."""
+        name = actor.spec["class_name"]
+        if actor.restarts_left > 0:
+            actor.restarts_left -= 1
+        # The new host restarts it after a crash of its own only as often as
+        # is left in all.
+        actor.spec = dict(actor.spec, max_restarts=actor.restarts_left)
+        actor.state = RESTARTING
+        log.warning("actor %s lost its node %s; restarting it", name, dead_address)
+        self.lineage.actor(actor.actor_id, self._record(actor))
+        handles = self.objects.get(ids.actor_handle_id(actor.actor_id))
+        if handles is not None:
+            handles.primary_peer = None
+        needed = dict(actor.resources)
+        for resource, amount in actor.placement.items():
+            needed[resource] = needed.get(resource, 0.0) + amount
+        if self._place_elsewhere(actor, needed):
+            return
+        if self.dispatcher.queues.feasible(needed):
+            self.unplaced.append(actor)
+            self.dispatcher.schedule()
+            return
+        self._forget_remote(actor, f"actor {name} died: its node {dead_address} died and no "
+                                   f"live node has the resources it needs ({needed})")
 
     def _asks_head(self):
         return self.cluster is not None and not self.cluster.is_head
