@@ -98,7 +98,7 @@ class ObjectDirectory:
 
     `ready_listeners` are called as listener(object_id, entry) when an object
     becomes ready (tasks and actor calls waiting on it), `freed_listeners`
-    the same way when an entry is freed because nothing holds it.
+    the same way when an actor's handles entry is freed because nothing holds it.
     """
 
     def __init__(self, store, address=None):
@@ -442,8 +442,9 @@ class ObjectDirectory:
             if peer is not None and not peer.closed:
                 peer.send(("free", [object_id]))
         inner_ids = self._release_contents(entry) if entry.contains else ()
-        for listener in self.freed_listeners:
-            listener(object_id, entry)
+        if entry.kind == ACTOR_HANDLES:     # (what the listeners are for)
+            for listener in self.freed_listeners:
+                listener(object_id, entry)
         return inner_ids
 
     def _delete_from_store(self, object_id):

@@ -102,7 +102,9 @@ class TaskManager:
     # ------------------------------------------------------------ submission
     def submit(self, conn, fields):
         spec = parse_task_spec(fields)
-        return_ids = [ids.return_object_id(spec.task_id, i) for i in range(1, spec.num_returns + 1)]
+        return_ids = ([ids.return_object_id(spec.task_id, 1)] if spec.num_returns == 1 else
+                      [ids.return_object_id(spec.task_id, i)
+                       for i in range(1, spec.num_returns + 1)])
         existing = self.tasks.get(spec.task_id)
         entries = self.objects.entries
         # (a new id has no entries: the usual case is decided by one lookup)
@@ -376,8 +378,10 @@ class TaskManager:
 
     def finish(self, task, state):
         self.tasks.pop(task.task_id, None)
-        self.release_args(task.spec.args, task.spec.contained)
-        self.lineage.log_task(task.spec, state)
+        spec = task.spec
+        if spec.args or spec.contained:
+            self.release_args(spec.args, spec.contained)
+        self.lineage.log_task(spec, state)
 
     def report_error(self, task, text):
         self.lineage.error("task", spec_name(task.spec), task.task_id, text)
@@ -419,7 +423,8 @@ class TaskManager:
                 if kind == IN_STORE:
                     self.lineage.log_object(object_id, entry, task_id)
                 self.objects.announce(object_id)
-            self._tell_owner_node(task, state)
+            if task.owner is not None and task.owner.role == "node":
+                self._tell_owner_node(task, state)
 
     def object_ready(self, object_id, entry):
         if entry.kind == ERROR:
