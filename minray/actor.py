@@ -35,6 +35,8 @@ ACTOR_OPTIONS = {
     "resources": "custom resources the actor holds",
     "memory": "bytes of the node's memory resource the actor holds while it lives",
     "max_restarts": "times the actor is restarted (constructor re-run) if its process dies",
+    "max_task_retries": "times a call that was running or queued when the actor died is "
+                        "sent again to its restarted instance (-1: unlimited)",
     "max_concurrency": "calls run at once (threads; async actors default to 1000)",
     "name": "register the actor under this name for minray.get_actor",
     "namespace": "the namespace its name is registered in (default: the job's)",
@@ -101,9 +103,9 @@ def validate_actor_options(options):
     for name in options:
         if name not in ACTOR_OPTIONS:
             raise _bad_option(name, ACTOR_OPTIONS)
-    if "max_restarts" in options:
-        check_count("max_restarts", options["max_restarts"], -1,
-                    "an int >= 0 (or -1 for unlimited)")
+    for count in ("max_restarts", "max_task_retries"):
+        if count in options:
+            check_count(count, options[count], -1, "an int >= 0 (or -1 for unlimited)")
     if options.get("max_concurrency") is not None:
         check_count("max_concurrency", options["max_concurrency"], 1, "an int >= 1")
     name = options.get("name")
@@ -292,6 +294,7 @@ class ActorClass:
             "resources": validate_resources(resources),
             "placement": {"CPU": 1.0} if default_shape else {},
             "max_restarts": options.get("max_restarts", 0),
+            "max_task_retries": options.get("max_task_retries", 0),
             "max_concurrency": concurrency, "is_async": self._is_async,
             "name": name, "namespace": namespace, "get_if_exists": get_if_exists,
             "detached": options.get("lifetime") == "detached",

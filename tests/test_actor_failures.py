@@ -261,3 +261,33 @@ def test_a_call_failed_by_its_argument_releases_its_other_arguments_evenly(gate)
     assert minray.get(account.read.remote()) == 0  # the free has reached the node manager
     open(gate, "w").close()
     assert minray.get(result, timeout=30) == 1_000_001.0
+
+
+
+class _Fragile:
+    def __init__(self):
+        self.pid = os.getpid()
+
+    def get_pid(self):
+        return self.pid
+
+    def crash_once(self, flag, tag):
+        if not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(1)               # the process dies while running this call
+        return tag, self.pid
+
+
+def test_max_task_retries_sends_calls_in_flight_to_the_restarted_actor(tmp_path):
+    retrying = minray.remote(max_restarts=1, max_task_retries=1)(_Fragile).remote()
+    first_pid = minray.get(retrying.get_pid.remote())
+    refs = [retrying.crash_once.remote(str(tmp_path / "flag"), i) for i in range(3)]
+    results = minray.get(refs, timeout=60)
+    assert [tag for tag, _ in results] == [0, 1, 2]           # in order, none lost
+    assert first_pid not in {pid for _, pid in results}       # the restarted process
+
+    # Without retries (the default), calls in flight fail; later ones run.
+    plain = minray.remote(max_restarts=1)(_Fragile).remote()
+    with pytest.raises(ActorDiedError):
+        minray.get(plain.crash_once.remote(str(tmp_path / "flag2"), 0), timeout=60)
+    assert minray.get(plain.crash_once.remote(str(tmp_path / "flag2"), 1), timeout=60)[0] == 1

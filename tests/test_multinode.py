@@ -256,6 +256,32 @@ def test_an_actor_whose_node_dies_restarts_on_another_node(cluster):
             time.sleep(0.1)
 
 
+def test_a_call_running_when_its_actor_node_dies_is_retried_there_after(cluster, tmp_path):
+    nodes = {add_worker_node(cluster, n, workers=1).node_id: n for n in (2, 3)}
+    minray.init(address=cluster.address)
+
+    @minray.remote(resources={"workers": 1}, max_restarts=1, max_task_retries=1)
+    class Slow:
+        def where(self):
+            return minray.get_runtime_context().get_node_id()
+
+        def slow(self, started):
+            open(started, "a").close()
+            time.sleep(3)
+            return minray.get_runtime_context().get_node_id()
+
+    actor = Slow.remote()
+    first_host = minray.get(actor.where.remote())
+    started = tmp_path / "started"
+    ref = actor.slow.remote(str(started))
+    wait_for_file(started)
+    cluster.remove_node(next(n for n in cluster.list_all_nodes() if n.node_id == first_host),
+                        allow_graceful=False)
+    # Sent again to the instance on the other node (max_task_retries=1).
+    second_host = minray.get(ref, timeout=60)
+    assert second_host != first_host and second_host in nodes
+
+
 def wait_for_file(path, timeout=30):
     deadline = time.monotonic() + timeout
     while not path.exists() and time.monotonic() < deadline:

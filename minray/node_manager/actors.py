@@ -40,6 +40,10 @@ log = logging.getLogger("minray.node_manager")
 
 
 
+def _call_retries(actor):
+    return actor.spec.get("max_task_retries", 0) if actor is not None else 0
+
+
 class ActorState:
     def __init__(self, spec, owner):
         self.actor_id = spec["actor_id"]
@@ -125,6 +129,8 @@ class ActorManager(ActorsAcrossNodes):
         self.remote = {}                  # actor id -> Peer of the node hosting it
         self.locating = {}                # actor id -> (owner Peer, parked calls)
         self.awaiting_creation = {}       # actor id -> calls that came before its "create"
+        self.calls_to_resend = {}         # actor id -> calls in flight when its node died
+        tasks.retry_actor_call = self._keep_call_for_restart
         # Names are unique in the whole cluster: the head keeps those of
         # actors created on other nodes, (namespace, name) -> (record,
         # address of the creating node); other nodes ask it (name requests).
@@ -244,9 +250,10 @@ class ActorManager(ActorsAcrossNodes):
             self.objects.expect(ids.return_object_id(spec.task_id, index), conn)
         if self._must_locate(conn, spec) or self._before_its_creation(conn, spec):
             return
-        task = Task(spec.task_id, spec, {}, 0, conn)
-        task.extra = "call"
         actor = self.actors.get(spec.actor_id)
+        # (retries: max_task_retries, known where the actor was created)
+        task = Task(spec.task_id, spec, {}, _call_retries(actor), conn)
+        task.extra = "call"
         peer = self._host_of(spec.actor_id) if actor is None or spec.actor_id in self.remote \
             else None
         if peer is not None:
@@ -381,9 +388,17 @@ class ActorManager(ActorsAcrossNodes):
             return
         self._unplace(actor)
         running, worker.queue = worker.queue, []
+        restarting = actor.state != DEAD and actor.restarts_left != 0
+        again = []
         for task in running:
-            self.tasks.fail_with(task, ActorDiedError(
-                f"actor {actor.spec['class_name']} died while running {task.spec.method}"))
+            if restarting and task.retries_left != 0 and task.extra != "cancel":
+                if task.retries_left > 0:
+                    task.retries_left -= 1
+                again.append(task)
+            else:
+                self.tasks.fail_with(task, ActorDiedError(
+                    f"actor {actor.spec['class_name']} died while running {task.spec.method}"))
+        self._queue_first(actor, again)
         if actor.state == DEAD:
             return
         if actor.restarts_left != 0:
@@ -398,6 +413,16 @@ class ActorManager(ActorsAcrossNodes):
             self.die(actor, ActorDiedError(
                 f"actor {actor.spec['class_name']} died: its process exited unexpectedly "
                 "(max_restarts exhausted)"))
+
+    def _queue_first(self, actor, tasks):
+        """Calls to run again (max_task_retries) ahead of their callers' queued ones."""
+        for task in reversed(tasks):
+            task.worker = None
+            caller = actor.caller(task)
+            queue = actor.calls.get(caller)
+            if queue is None:
+                queue = actor.calls[caller] = collections.deque()
+            queue.appendleft(task)
 
     def _unplace(self, actor):
         if actor.held is not None:

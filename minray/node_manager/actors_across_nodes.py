@@ -208,6 +208,24 @@ class ActorsAcrossNodes:
                 else:
                     self._forget_remote(actor, f"actor {actor.spec['class_name']} died: its "
                                                f"node {address} died (max_restarts exhausted)")
+        for actor_id, kept in self.calls_to_resend.items():     # (not restarted after all)
+            for task in kept:
+                self.tasks.fail_with(task, ActorDiedError(
+                    f"the node {address} hosting the actor of call {task.spec.method} died"))
+        self.calls_to_resend.clear()
+
+    def _keep_call_for_restart(self, task, address):
+        """A call that was on a node that died: kept to send to the actor's
+        next instance if the actor will restart and the call has retries
+        left (max_task_retries); False if it is to fail."""
+        actor = self.actors.get(task.spec.actor_id)
+        if (actor is None or actor.state == DEAD or actor.restarts_left == 0
+                or actor.released or task.retries_left == 0):
+            return False
+        if task.retries_left > 0:
+            task.retries_left -= 1
+        self.calls_to_resend.setdefault(actor.actor_id, []).append(task)
+        return True
 
     def _restart_elsewhere(self, actor, dead_address):
         """Run an actor whose node died again (its constructor too), here or
@@ -227,12 +245,19 @@ class ActorsAcrossNodes:
         needed = dict(actor.resources)
         for resource, amount in actor.placement.items():
             needed[resource] = needed.get(resource, 0.0) + amount
+        again = self.calls_to_resend.pop(actor.actor_id, [])
         if self._place_elsewhere(actor, needed):
+            host = self.remote[actor.actor_id]
+            for task in again:               # in the order they were first sent
+                self.tasks.spilled[task.task_id] = (task, host, False)
+                self._forward_call(host, task.spec)
             return
         if self.dispatcher.queues.feasible(needed):
+            self._queue_first(actor, again)
             self.unplaced.append(actor)
             self.dispatcher.schedule()
             return
+        self.calls_to_resend[actor.actor_id] = again      # (failed by node_died)
         self._forget_remote(actor, f"actor {name} died: its node {dead_address} died and no "
                                    f"live node has the resources it needs ({needed})")
 

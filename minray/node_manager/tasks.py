@@ -96,6 +96,9 @@ class TaskManager:
         # of the cluster view's: tasks do, actor calls do not)
         self.spilled = {}
         self.cancel_actor_call = None   # set by the actor manager: (task id, force) -> reason
+        # Set by the actor manager: (call task, dead node address) -> True if
+        # it keeps the call to send to the actor's next instance.
+        self.retry_actor_call = None
         objects.ready_listeners.append(self.object_ready)
         dispatcher.drop_cancelled = self.fail_cancelled
 
@@ -270,6 +273,8 @@ class TaskManager:
             if credit:
                 self.cluster.task_returned(address)
             if task.extra == "call":
+                if self.retry_actor_call is not None and self.retry_actor_call(task, address):
+                    continue
                 text = f"the node {address} hosting the actor of call {spec_name(task.spec)} died"
                 self.fail(task, *error_object(ActorDiedError(text)))
             elif task.retries_left > 0:
