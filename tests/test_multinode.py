@@ -282,6 +282,25 @@ def test_a_call_running_when_its_actor_node_dies_is_retried_there_after(cluster,
     assert second_host != first_host and second_host in nodes
 
 
+def test_a_task_that_kills_its_node_every_time_ends_in_an_error(cluster):
+    for number in (2, 3):
+        add_worker_node(cluster, number, workers=1)
+    minray.init(address=cluster.address)
+    pids = {n.node_id: n.pid for n in cluster.list_all_nodes()}
+
+    @minray.remote(resources={"workers": 1}, max_retries=1)
+    def kill_my_node(pids):
+        os.kill(pids[minray.get_runtime_context().get_node_id()], signal.SIGKILL)
+        time.sleep(60)
+
+    # Run twice (once retried), each time killing the node it runs on: then
+    # its retries are spent, and no node has its resource any more.
+    with pytest.raises((NodeDiedError, TaskUnschedulableError)):
+        minray.get(kill_my_node.remote(pids), timeout=120)
+    assert [n["Alive"] for n in minray.nodes() if n["NodeID"] in pids and
+            n["NodeID"] != cluster.head_node.node_id] == [False, False]
+
+
 def wait_for_file(path, timeout=30):
     deadline = time.monotonic() + timeout
     while not path.exists() and time.monotonic() < deadline:
