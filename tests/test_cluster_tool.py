@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -326,3 +327,33 @@ def test_a_host_that_hangs_during_up_is_reported_not_waited_for(hosts, tmp_path)
         assert f"{host.spec}: `minray start` did not finish within 8 s" in result.stdout
     # The head came up and says so; the hosts stay reported as failed.
     assert "head at" in result.stdout
+
+
+def test_ctrl_c_skips_the_hosts_not_begun_and_reports_the_rest(hosts, tmp_path):
+    import signal
+    began = tmp_path / "began"
+    wedged = tmp_path / "wedged-python"
+    wedged.write_text(f"#!/bin/sh\ncase \"$*\" in *scripts.cli\\ start*) touch {began}; "
+                      f"exec sleep 600;; esac\nexec {sys.executable} \"$@\"\n")
+    wedged.chmod(0o755)
+    argv = [sys.executable, "-m", "minray.cluster_tool.cli", "up", str(hosts.workers),
+            "--ssh-key", str(hosts.user_key), "--known-hosts", str(hosts.known_hosts),
+            "--port", "0", "--python", str(wedged), "--parallel", "1", "--timeout", "6"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=hosts.env)
+    try:
+        deadline = time.monotonic() + 60
+        while not began.exists():          # the first host is inside its `minray start`
+            assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1
+    assert "interrupted" in err
+    first, second = hosts.hosts
+    assert "not started" in table_line(out, first)       # its step ended by --timeout
+    assert "skipped" in table_line(out, second)
+    assert f"{second.spec}: interrupted (Ctrl-C) before it began" in out

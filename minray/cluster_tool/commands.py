@@ -61,8 +61,20 @@ def on_every_host(hosts, settings, step, progress=False):
             if progress:
                 say(f"{row['host']}: {row['state']}" + (" (see below)" if row["error"] else ""))
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=settings.parallel) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=settings.parallel)
+    try:
         list(pool.map(one, range(len(hosts))))
+    except KeyboardInterrupt:
+        # Ctrl-C: hosts not begun are left alone (and say so); those under
+        # way finish their step, each bounded by --timeout.
+        pool.shutdown(wait=False, cancel_futures=True)
+        for row in rows:
+            if not row["state"] and not row["error"]:
+                row["state"], row["error"] = "skipped", "interrupted (Ctrl-C) before it began"
+        say("minray-cluster: interrupted; waiting for the hosts under way ...", sys.stderr)
+        pool.shutdown(wait=True)
+        return rows
+    pool.shutdown(wait=True)
     return rows
 
 
