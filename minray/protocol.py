@@ -18,6 +18,8 @@ PROTOCOL_VERSION = 6
 # LOCATED (between node managers only): the value is in the store of other
 # nodes; its payload is (size, [addresses of nodes holding a copy]).
 INLINE, IN_STORE, ERROR, ACTOR_HANDLES, LOCATED = "v", "s", "e", "h", "l"
+# The stream of an "output" chunk (what a task printed).
+STDOUT, STDERR = 1, 2
 KIND_NAMES = {INLINE: "inline", IN_STORE: "store", ERROR: "error",
               ACTOR_HANDLES: "actor handles", LOCATED: "remote", None: "pending"}
 

@@ -146,7 +146,6 @@ def up(hosts, settings):
     from minray.session import read_token
     token = read_token(head.session_dir)
     say(("Started" if started else "Using") + f" the head at {head.address}.")
-    started_addresses = {}
 
     def start(conn, row):
         found = remote.probe(conn, settings.python)
@@ -169,16 +168,10 @@ def up(hosts, settings):
                             "reach: stop it (minray stop) and run up again, or start it with "
                             "--node-ip-address set to this machine's address")
         row["failed_state"] = "not started"
-        node_ip = found.own_ip or conn.host.host
-        remote.start_node(conn, found, head.address, token, node_ip, settings.node_args,
+        remote.start_node(conn, found, head.address, token, settings.node_args,
                           settings.timeout)
         row["failed_state"] = "started, not confirmed"
-        after = remote.probe(conn, found.python)
-        mine = after.nodes_of(head.address)
-        if not mine:
-            raise HostError("minray start reported success but no node runs there")
-        row["state"], row["address"] = "started", mine[0]["address"]
-        started_addresses[row["host"]] = mine[0]["address"]
+        row["state"], row["address"] = "started", remote.node_address(conn, found, head.address)
 
     rows = on_every_host(hosts, settings, start, progress=True)
     _wait_registered(head, rows, settings.timeout)
@@ -440,12 +433,9 @@ def upgrade(hosts, settings, wheel=None, pip_spec=None, git_url=None):
         if head is None:
             raise HostError("its node was stopped and no head runs on this machine: run "
                             "minray-cluster up")
-        remote.start_node(conn, found, head.address, token, found.own_ip or conn.host.host,
-                          settings.node_args, settings.timeout)
-        restarted = remote.probe(conn, found.python).nodes_of(head.address)
-        if not restarted:
-            raise HostError("minray start reported success but no node runs there")
-        row["address"] = restarted[0]["address"]
+        remote.start_node(conn, found, head.address, token, settings.node_args,
+                          settings.timeout)
+        row["address"] = remote.node_address(conn, found, head.address)
 
     def install(conn, row):
         found = remote.probe(conn, settings.python, need_minray=False)

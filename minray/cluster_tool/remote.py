@@ -103,14 +103,15 @@ def state_dir(conn):
     return directory
 
 
-def start_node(conn, found, head_address, token, node_ip, node_args, timeout):
-    """`minray start --address ...` on the host, the token in a 0600 file of
-    its own (hosts may share a home directory) removed afterwards; HostError
-    with minray's message if it fails."""
+def start_node(conn, found, head_address, token, node_args, timeout):
+    """`minray start --address ...` on the host, listening on the address we
+    reached it at, the token in a 0600 file of its own (hosts may share a
+    home directory) removed afterwards; HostError with minray's message if
+    it fails."""
     token_path = f"{state_dir(conn)}/token-{os.urandom(8).hex()}"
     conn.write_private(token_path, token.hex() + "\n")
     argv = [found.python, "-m", "minray.scripts.cli", "start", "--address", head_address,
-            "--token-file", token_path, "--node-ip-address", node_ip]
+            "--token-file", token_path, "--node-ip-address", found.own_ip or conn.host.host]
     for flag, value in (("--num-cpus", node_args.get("num_cpus")),
                         ("--num-gpus", node_args.get("num_gpus")),
                         ("--resources", node_args.get("resources"))):
@@ -122,6 +123,15 @@ def start_node(conn, found, head_address, token, node_ip, node_args, timeout):
         conn.remove(token_path)
     _check(code, out, err, "minray start", timeout)
     return out
+
+
+def node_address(conn, found, head_address):
+    """The address of the host's node of that cluster, just started; HostError
+    if none runs."""
+    nodes = probe(conn, found.python).nodes_of(head_address)
+    if not nodes:
+        raise HostError("minray start reported success but no node runs there")
+    return nodes[0]["address"]
 
 
 def stop_nodes(conn, found, timeout):

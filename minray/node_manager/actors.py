@@ -73,6 +73,14 @@ class ActorState:
         """The FIFO a call joins: its sender's, or its own where calls keep no order."""
         return task.task_id if self.unordered else task.owner
 
+    def queue_of(self, task):
+        """The FIFO of calls not yet sent that `task` joins."""
+        caller = self.caller(task)
+        queue = self.calls.get(caller)
+        if queue is None:
+            queue = self.calls[caller] = collections.deque()
+        return queue
+
     def queued_calls(self):
         for queue in self.calls.values():
             yield from queue
@@ -81,6 +89,14 @@ class ActorState:
     def placement(self):
         """Resources it needs only while it is placed and constructed."""
         return self.spec.get("placement") or {}
+
+    @property
+    def needs(self):
+        """What placing it takes: its resources and the placement ones."""
+        needed = dict(self.resources)
+        for name, amount in self.placement.items():
+            needed[name] = needed.get(name, 0.0) + amount
+        return needed
 
 
 def check_actor_spec(spec):
@@ -178,9 +194,7 @@ class ActorManager(ActorsAcrossNodes):
         failed, missing = self.tasks.claim_args(spec["args"], spec["contained"],
                                                 f"actor {spec['class_name']}")
         queues = self.dispatcher.queues
-        needed = dict(actor.resources)
-        for name, amount in actor.placement.items():
-            needed[name] = needed.get(name, 0.0) + amount
+        needed = actor.needs
         if failed is None and conn.role != "node" and self._place_elsewhere(actor, needed):
             return
         if not queues.feasible(needed):
@@ -248,9 +262,12 @@ class ActorManager(ActorsAcrossNodes):
         spec = parse_spec(ActorCallSpec, fields)
         for index in range(1, spec.num_returns + 1):
             self.objects.expect(ids.return_object_id(spec.task_id, index), conn)
-        if self._must_locate(conn, spec) or self._before_its_creation(conn, spec):
-            return
         actor = self.actors.get(spec.actor_id)
+        # An actor this node neither hosts nor knows the host of (or one it
+        # is asking about, whose earlier calls wait): find where it lives.
+        if ((actor is None or spec.actor_id in self.locating) and spec.actor_id not in self.remote
+                and (self._must_locate(conn, spec) or self._before_its_creation(conn, spec))):
+            return
         # (retries: max_task_retries, known where the actor was created)
         task = Task(spec.task_id, spec, {}, _call_retries(actor), conn)
         task.extra = "call"
@@ -283,12 +300,8 @@ class ActorManager(ActorsAcrossNodes):
         task.missing = len(missing)
         for object_id in missing:
             self.waiting_calls.setdefault(object_id, []).append((actor, task))
-        caller = actor.caller(task)
-        queue = actor.calls.get(caller)
-        if queue is None:
-            queue = actor.calls[caller] = collections.deque()
-        queue.append(task)
-        self.pump(actor, (caller,))
+        actor.queue_of(task).append(task)
+        self.pump(actor, (actor.caller(task),))
 
     def pump(self, actor, callers=None):
         """Send the actor's calls whose turn has come to its worker: those of
@@ -418,11 +431,7 @@ class ActorManager(ActorsAcrossNodes):
         """Calls to run again (max_task_retries) ahead of their callers' queued ones."""
         for task in reversed(tasks):
             task.worker = None
-            caller = actor.caller(task)
-            queue = actor.calls.get(caller)
-            if queue is None:
-                queue = actor.calls[caller] = collections.deque()
-            queue.appendleft(task)
+            actor.queue_of(task).appendleft(task)
 
     def _unplace(self, actor):
         if actor.held is not None:

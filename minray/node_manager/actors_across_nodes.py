@@ -73,9 +73,8 @@ class ActorsAcrossNodes:
         waiting here to be placed have theirs."""
         total = dict(needed)
         for actor in self.unplaced:
-            for source in (actor.resources, actor.placement):
-                for name, amount in source.items():
-                    total[name] = total.get(name, 0.0) + amount
+            for name, amount in actor.needs.items():
+                total[name] = total.get(name, 0.0) + amount
         return self.dispatcher.queues.fits(total)
 
     def on_create_forwarded(self, owner, spec, arg_owners):
@@ -90,7 +89,7 @@ class ActorsAcrossNodes:
         """A call another node sent us for an actor we don't know: its owner
         said we host it, and its "create" (on another link) is still on the
         way. Keep it (in order) until that comes; True if kept."""
-        if conn.role != "node" or spec.actor_id in self.actors or spec.actor_id in self.remote:
+        if conn.role != "node":
             return False
         early = self.awaiting_creation.get(spec.actor_id)
         if early is None:
@@ -125,8 +124,6 @@ class ActorsAcrossNodes:
         actor_id = spec.actor_id
         locating = self.locating.get(actor_id)
         if locating is None:
-            if actor_id in self.actors or actor_id in self.remote:
-                return False
             handles = self.objects.get(ids.actor_handle_id(actor_id))
             owner = handles.owner_peer if handles is not None else None
             if owner is None or owner.closed:
@@ -242,9 +239,7 @@ class ActorsAcrossNodes:
         handles = self.objects.get(ids.actor_handle_id(actor.actor_id))
         if handles is not None:
             handles.primary_peer = None
-        needed = dict(actor.resources)
-        for resource, amount in actor.placement.items():
-            needed[resource] = needed.get(resource, 0.0) + amount
+        needed = actor.needs
         again = self.calls_to_resend.pop(actor.actor_id, [])
         if self._place_elsewhere(actor, needed):
             host = self.remote[actor.actor_id]

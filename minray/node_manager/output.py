@@ -15,11 +15,11 @@ driver that started the node, and is otherwise dropped: a worker of a node
 started with `minray start` keeps a copy in its log file.
 """
 import logging
-import sys
 
 from minray import ids
+from minray.protocol import STDERR, STDOUT
+from minray.runtime.core import print_output
 
-STDOUT, STDERR = 1, 2
 ROUTES_MAX = 10_000            # jobs whose way to the driver is remembered
 MAX_HOPS = 8                   # nodes forwarded output may pass (routes can go stale)
 
@@ -87,9 +87,7 @@ class OutputRouter:
                     prefix = f"{prefix}, ip={self.node_ip}"
                 to_peers.setdefault(peer, []).append((job_id, prefix, stream_no, text))
             elif self.print_unrouted and job_id not in self.quiet_jobs:
-                stream = sys.stderr if stream_no == STDERR else sys.stdout
-                stream.write("".join(f"({prefix}) {line}\n" for line in text.splitlines()))
-                stream.flush()
+                print_output([(prefix, stream_no, text)])
         for driver, driver_chunks in to_drivers.items():
             driver.send(("output", driver_chunks))
         for peer, peer_chunks in to_peers.items():

@@ -105,9 +105,7 @@ class TaskManager:
     # ------------------------------------------------------------ submission
     def submit(self, conn, fields):
         spec = parse_task_spec(fields)
-        return_ids = ([ids.return_object_id(spec.task_id, 1)] if spec.num_returns == 1 else
-                      [ids.return_object_id(spec.task_id, i)
-                       for i in range(1, spec.num_returns + 1)])
+        return_ids = [ids.return_object_id(spec.task_id, i) for i in range(1, spec.num_returns + 1)]
         existing = self.tasks.get(spec.task_id)
         entries = self.objects.entries
         # (a new id has no entries: the usual case is decided by one lookup)
@@ -428,8 +426,7 @@ class TaskManager:
                 if kind == IN_STORE:
                     self.lineage.log_object(object_id, entry, task_id)
                 self.objects.announce(object_id)
-            if task.owner is not None and task.owner.role == "node":
-                self._tell_owner_node(task, state)
+            self._tell_owner_node(task, state)
 
     def object_ready(self, object_id, entry):
         if entry.kind == ERROR:

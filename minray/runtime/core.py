@@ -20,7 +20,7 @@ from minray.exceptions import (
     TaskCancelledError,
 )
 from minray.object_store import SharedStore, write_serialized
-from minray.protocol import ERROR, IN_STORE, INLINE
+from minray.protocol import ERROR, IN_STORE, INLINE, STDERR
 from minray.serialization import deserialize
 
 INLINE_MAX_BYTES = 100 * 1024      # values up to this size travel in messages
@@ -30,9 +30,9 @@ DROPPED_PENDING_MAX = 10_000
 BOOKKEEPING_DELAY_S = 0.1          # longest a dropped ref waits to be reported
 BACKGROUND_READ_CHUNKS = 64        # most reads of up to 1 MiB per background poll
 # A worker's printed output (minray.worker.output) rides ahead of its next
-# message; past OUTPUT_SEND_BYTES it is sent at once if the socket is free,
-# past OUTPUT_PENDING_MAX it is dropped (and the drop reported) rather than
-# held without limit.
+# message; past OUTPUT_SEND_BYTES it wakes the bookkeeping thread to send it
+# now, past OUTPUT_PENDING_MAX it is dropped (and the drop reported) rather
+# than held without limit.
 OUTPUT_SEND_BYTES = 256 * 1024
 OUTPUT_PENDING_MAX = 64 << 20
 OUTPUT_MESSAGE_CHARS = 128 * 1024  # text per "output" message: under the 1 MiB frame limit
@@ -43,7 +43,7 @@ _current = None                     # the CoreClient of this process
 def print_output(chunks):
     """Print what tasks printed: each line after its (label pid=..., ip=...)."""
     for prefix, stream_no, text in chunks:
-        stream = sys.stderr if stream_no == 2 else sys.stdout
+        stream = sys.stderr if stream_no == STDERR else sys.stdout
         lead = f"({prefix}) "
         try:
             stream.write("".join(lead + line + "\n" for line in text.splitlines()))
@@ -108,7 +108,6 @@ class CoreClient:
         self.interrupt_requested = False   # worker: cancel the running task at the next wait
         self.start_task(root_task_id)
         self.welcome = None
-        self.node_address = None     # our node manager's "ip:port", from its welcome
         self.store = None
         # A driver's namespace, from init(); a worker's is its current job's.
         self.driver_namespace = (info.get("namespace"), bool(info.get("anonymous_namespace")))
@@ -117,6 +116,11 @@ class CoreClient:
         self.send(("hello", role, info))
         threading.Thread(target=self._send_bookkeeping_loop, daemon=True,
                          name="minray-refs").start()
+
+    @property
+    def node_address(self):
+        """Our node manager's "ip:port" (from its welcome)."""
+        return (self.welcome or {}).get("address")
 
     def ref_futures(self):
         with self.cond:
@@ -284,7 +288,7 @@ class CoreClient:
         if self.dropped_output_chars and chunks:
             with self.output_lock:
                 dropped, self.dropped_output_chars = self.dropped_output_chars, 0
-            chunks.append((chunks[-1][0], chunks[-1][1], 2,
+            chunks.append((chunks[-1][0], chunks[-1][1], STDERR,
                            f"minray: {dropped} characters of output were dropped: printed "
                            "faster than they could be sent\n"))
         if chunks:
@@ -394,7 +398,6 @@ class CoreClient:
             self.replies[message[1]] = RequestFailed(message[2])
         elif kind == "welcome":
             self.welcome = message[1]
-            self.node_address = self.welcome.get("address")
 
     def request_info(self, what, timeout=30.0):
         request_id = next(self.request_ids)

@@ -15,9 +15,9 @@ import os
 import threading
 
 from minray import ids
+from minray.protocol import STDERR, STDOUT
 from minray.runtime_context import current_task
 
-STDOUT, STDERR = 1, 2
 PIECE_CHARS = 64 * 1024           # the most text in one queued piece, or one partial line
 
 
