@@ -320,6 +320,8 @@ def wait(object_refs, *, num_returns=1, timeout=None, fetch_local=True):
 
     Returns (ready, not_ready), each in the order of the input list. The
     original docs' timeout was in milliseconds; here, as in Ray today, seconds.
+    With fetch_local=False, a result stored on another node counts as ready
+    without being copied here.
     """
     if isinstance(object_refs, ObjectRef) or not isinstance(object_refs, (list, tuple)):
         raise TypeError(f"wait expects a list of ObjectRefs, got {type(object_refs).__name__}")
@@ -335,7 +337,8 @@ def wait(object_refs, *, num_returns=1, timeout=None, fetch_local=True):
         raise ValueError(f"num_returns ({num_returns}) is larger than the number of refs "
                          f"({len(object_refs)})")
     client = _client()
-    ready_ids = set(client.wait([r.binary() for r in object_refs], num_returns, timeout))
+    ready_ids = set(client.wait([r.binary() for r in object_refs], num_returns, timeout,
+                                bool(fetch_local)))
     ready = [r for r in object_refs if r.binary() in ready_ids]
     not_ready = [r for r in object_refs if r.binary() not in ready_ids]
     return ready, not_ready

@@ -9,7 +9,7 @@ message is read.
 """
 from typing import NamedTuple
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 
 # How a value travels: inline (its bytes in messages), in the node's store,
 # or an error (inline bytes of a pickled exception). ACTOR_HANDLES is no
@@ -17,11 +17,14 @@ PROTOCOL_VERSION = 6
 # an actor alive, counted like any object's.
 # LOCATED (between node managers only): the value is in the store of other
 # nodes; its payload is (size, [addresses of nodes holding a copy]).
-INLINE, IN_STORE, ERROR, ACTOR_HANDLES, LOCATED = "v", "s", "e", "h", "l"
+# SPILLED (in a node manager's directory only): written to a disk file to
+# make room in the store (minray.node_manager.spilling).
+INLINE, IN_STORE, ERROR, ACTOR_HANDLES, LOCATED, SPILLED = "v", "s", "e", "h", "l", "d"
 # The stream of an "output" chunk (what a task printed).
 STDOUT, STDERR = 1, 2
 KIND_NAMES = {INLINE: "inline", IN_STORE: "store", ERROR: "error",
-              ACTOR_HANDLES: "actor handles", LOCATED: "remote", None: "pending"}
+              ACTOR_HANDLES: "actor handles", LOCATED: "remote", SPILLED: "spilled",
+              None: "pending"}
 
 
 class TaskSpec(NamedTuple):
@@ -112,6 +115,9 @@ TO_NODE_MANAGER = {
     # What a worker's tasks printed: [(job_id, label, stream, text)], label
     # the function's or actor class's name, stream 1 (stdout) or 2 (stderr).
     "output": ("chunks",),
+    # The store has no room for `size` bytes: spill objects to disk to make
+    # it. Answered ("info", request_id, whether there is room now).
+    "make_room": ("request_id", "size"),
 }
 
 # Node manager -> node manager (accepted only on links of role "node";
@@ -144,6 +150,10 @@ TO_NODE_MANAGER_FROM_PEERS = {
     # the hosting node's address (the receiver's own while it is not placed).
     "locate_actor": ("actor_id",),
     "actor_host": ("actor_id", "address"),
+    # The copies of an object the receiver owns that it told the sender of
+    # are gone (their nodes died): make it again if need be, and answer as
+    # to "sub" (minray.node_manager.recovery).
+    "lost": ("object_id", "addresses"),
     # Output for a job whose driver is the receiver's way: [(job_id, prefix,
     # stream, text)], prefix "label pid=N, ip=A", and the nodes it passed
     # (minray.node_manager.output).
@@ -169,7 +179,7 @@ TO_CLIENT = {
 
 # Requests whose handler must answer even when it fails: name -> position of
 # the request id among the fields.
-REQUEST_ID_FIELD = {"info": 0, "actor_create": 1, "cancel": 0}
+REQUEST_ID_FIELD = {"info": 0, "actor_create": 1, "cancel": 0, "make_room": 0}
 
 
 # Name -> the length of a well-formed message, for a quick check per message.

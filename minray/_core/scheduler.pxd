@@ -15,7 +15,7 @@ cdef class Task:
 cdef class SchedulerQueues:
     cdef dict total
     cdef dict available
-    cdef dict waiting                  # object id -> list of Task
+    cdef readonly dict waiting         # object id -> list of Task
     cdef dict ready                    # shape -> deque of Task
     cdef list shapes                   # round-robin order of shapes
     cdef dict gpu_shapes               # shape -> it asks for a GPU (a worker kind)

@@ -947,6 +947,21 @@ cdef class SharedStore:
                     lru_push(&self.table, e)
         return dropped
 
+    def pinned_only_here(self, bytes object_id):
+        """True if this process holds the object's only pin, and only once:
+        no other process reads it (what a node manager may spill to disk)."""
+        cdef const uint8_t* oid = self._id_ptr(object_id)
+        cdef int32_t e
+        cdef bint only
+        self._check_usable()
+        self._lock()
+        e = find_entry(&self.table, oid)
+        only = (e != NO_ENTRY and self.entries[e].state == ENTRY_SEALED
+                and self.entries[e].pin_holders == 1 and self.local_pins[e] == 1
+                and not (self.entries[e].flags & PRIMARY_PIN))
+        self._unlock_checked()
+        return only
+
     def contains(self, bytes object_id):
         """True if a sealed object with this id is in the store."""
         cdef const uint8_t* oid = self._id_ptr(object_id)

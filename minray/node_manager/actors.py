@@ -212,6 +212,7 @@ class ActorManager(ActorsAcrossNodes):
         actor.missing = len(missing)
         for object_id in missing:
             self.waiting_creation.setdefault(object_id, []).append(actor)
+        self.tasks.fetch_missing(missing)
         if actor.missing == 0:
             self.unplaced.append(actor)
             self.dispatcher.schedule()
@@ -300,6 +301,7 @@ class ActorManager(ActorsAcrossNodes):
         task.missing = len(missing)
         for object_id in missing:
             self.waiting_calls.setdefault(object_id, []).append((actor, task))
+        self.tasks.fetch_missing(missing)
         actor.queue_of(task).append(task)
         self.pump(actor, (actor.caller(task),))
 

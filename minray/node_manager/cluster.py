@@ -136,6 +136,11 @@ class ClusterView:
     def alive_nodes(self):
         return [n for n in self.nodes.values() if n.alive]
 
+    def is_alive(self, address):
+        """Whether a node is alive as far as we know (one not heard of yet is)."""
+        node = self.nodes.get(address)
+        return node is None or node.alive
+
     def rows(self):
         return [n.row() for n in self.nodes.values()]
 

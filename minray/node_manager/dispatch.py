@@ -22,6 +22,7 @@ import asyncio
 import logging
 
 from minray._core.scheduler import SchedulerQueues
+from minray.protocol import IN_STORE, SPILLED
 
 log = logging.getLogger("minray.node_manager")
 
@@ -215,7 +216,7 @@ class Dispatcher:
         for arg in args:
             if arg[0] == "r":
                 entry = self.objects.get(arg[1])
-                if entry.kind == "s":
+                if entry.kind == IN_STORE or entry.kind == SPILLED:   # (the worker restores it)
                     resolved.append(("s", arg[1], entry.meta))
                 else:
                     resolved.append(("v", entry.meta, entry.data))

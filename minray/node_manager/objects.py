@@ -39,7 +39,7 @@ the actor manager hears (freed_listeners) when nothing holds it any more.
 import logging
 
 from minray.exceptions import FailedArgument, ObjectLostError
-from minray.protocol import ACTOR_HANDLES, ERROR, IN_STORE, INLINE, KIND_NAMES, LOCATED
+from minray.protocol import ACTOR_HANDLES, ERROR, IN_STORE, INLINE, KIND_NAMES, LOCATED, SPILLED
 from minray.serialization import serialize
 
 log = logging.getLogger("minray.node_manager")
@@ -62,7 +62,7 @@ def failed_argument_object(function_name, meta, data, actor_class=None):
 class ObjectEntry:
     __slots__ = ("kind", "meta", "data", "size", "pin", "owner", "owner_released",
                  "task_refs", "borrowers", "contains", "containers", "escaped",
-                 "subscribers", "ready", "owner_peer", "primary_peer")
+                 "subscribers", "ready", "owner_peer", "primary_peer", "lineage")
 
     def __init__(self, owner=None):
         self.kind = None
@@ -81,6 +81,7 @@ class ObjectEntry:
         self.ready = False
         self.owner_peer = None    # the node that owns it, if not this one
         self.primary_peer = None  # the node keeping its primary copy for us
+        self.lineage = None       # how to make it again (recovery.LineageRecord), if we can
 
     def message(self, object_id):
         """The ("obj", ...) message announcing this object to a process."""
@@ -110,6 +111,18 @@ class ObjectDirectory:
         # Set by the node manager: pull(object_id, entry) fetches a LOCATED
         # object into the local store (then set_ready(IN_STORE) + announce).
         self.pull = None
+        # Set by lineage recovery (minray.node_manager.recovery): an entry
+        # holding a lineage record is deleted; a fetch found no live copy.
+        self.lineage_released = None
+        self.pull_failed = None
+        # Set by the node manager: whether a task or actor queued on this
+        # node waits for an object (what tasks sent elsewhere hold is not
+        # fetched here).
+        self.wanted_here = lambda object_id: True
+        # Set by spilling (minray.node_manager.spilling): bring a SPILLED
+        # object back into the store (announced then); a SPILLED one is freed.
+        self.restore = None
+        self.spill_deleted = None
 
     def __len__(self):
         return len(self.entries)
@@ -146,7 +159,7 @@ class ObjectDirectory:
         elif owner is not None and entry.owner is not owner:
             entry.owner = owner        # a put re-made by a retried task
             entry.owner_released = False
-        if entry.ready:
+        if entry.contains:
             self._release_contents(entry)     # a value made again replaces the old
         entry.kind = kind
         entry.meta = meta
@@ -218,16 +231,16 @@ class ObjectDirectory:
         self.maybe_free(object_id)
 
     def _announce_located(self, object_id, entry):
-        """A value in other nodes' stores: peers hear where it is; if anything
-        on this node wants it (its owner here, a waiting process or task), it
-        is pulled here and announced again once it is local."""
-        local_interest = entry.task_refs > 0
+        """A value in other nodes' stores: peers and its owner here hear where
+        it is; if anything on this node wants it (a waiting process or task),
+        it is pulled here and announced again once it is local."""
+        local_interest = entry.task_refs > 0 and self.wanted_here(object_id)
         owner = entry.owner
         if owner is not None and not entry.owner_released and not owner.closed:
             if owner.role == "node":
                 self.send_value(owner, object_id, entry)
-            else:
-                local_interest = True
+            else:   # ready elsewhere: it subscribes when it wants the value here
+                owner.send(("obj", object_id, LOCATED, entry.meta, entry.size))
         if entry.subscribers:
             for conn in list(entry.subscribers):
                 if conn.role == "node":
@@ -244,7 +257,7 @@ class ObjectDirectory:
     def send_value(self, peer, object_id, entry):
         """Tell another node an object's value: inline bytes, an error, or
         where it is stored (this node, or the nodes it is located on)."""
-        if entry.kind == IN_STORE:
+        if entry.kind == IN_STORE or entry.kind == SPILLED:   # (served from its file)
             kind, payload = LOCATED, (entry.size, [self.address])
         else:
             kind, payload = entry.kind, entry.data
@@ -318,6 +331,9 @@ class ObjectDirectory:
                 self._delete_from_store(object_id)      # nobody wants it any more
             return
         if error is not None:
+            if self.pull_failed is not None:
+                self.pull_failed(object_id, entry, error)     # made again, or failed
+                return
             entry.kind = ERROR
             entry.meta, entry.data = error_object(ObjectLostError(
                 f"object {object_id.hex()} could not be fetched from another node: {error}"))
@@ -333,13 +349,17 @@ class ObjectDirectory:
 
     def located_on(self, address):
         """Entries whose only known copy is on the node at `address`, or
-        owned by it: what its death loses."""
+        owned by it: what its death loses. (Copies it held besides others
+        are forgotten on the way.)"""
         for object_id, entry in self.entries.items():
             if entry.owner_peer is not None and entry.owner_peer.address == address \
                     and not entry.ready:
                 yield object_id, entry
-            elif entry.kind == LOCATED and entry.data == [address]:
-                yield object_id, entry
+            elif entry.kind == LOCATED and address in entry.data:
+                if len(entry.data) == 1:
+                    yield object_id, entry
+                else:
+                    entry.data.remove(address)     # copies elsewhere remain
             elif entry.primary_peer is not None and entry.primary_peer.address == address \
                     and entry.kind == LOCATED:
                 yield object_id, entry
@@ -354,7 +374,7 @@ class ObjectDirectory:
                 conn.send(("value", object_id, ERROR, meta, data, []))
             else:
                 conn.send(("obj", object_id, ERROR, meta, data))
-        elif entry.ready and (entry.kind != LOCATED or conn.role == "node"):
+        elif entry.ready and (entry.kind not in (LOCATED, SPILLED) or conn.role == "node"):
             if conn.role == "node":
                 self.send_value(conn, object_id, entry)
             else:
@@ -365,6 +385,8 @@ class ObjectDirectory:
             entry.subscribers.add(conn)
             if entry.kind == LOCATED and self.pull is not None:
                 self.pull(object_id, entry)    # a local process wants it: fetch it here
+            elif entry.kind == SPILLED:
+                self.restore(object_id, entry)
 
     # ------------------------------------------------------------ references
     def borrow(self, conn, object_id):
@@ -437,11 +459,15 @@ class ObjectDirectory:
         if entry.kind == IN_STORE:
             entry.pin = None
             self._delete_from_store(object_id)
+        elif entry.kind == SPILLED:
+            self.spill_deleted(object_id)
         # Another node keeps its primary copy for us, or lends it to us.
         for peer in (entry.primary_peer, entry.owner_peer):
             if peer is not None and not peer.closed:
                 peer.send(("free", [object_id]))
         inner_ids = self._release_contents(entry) if entry.contains else ()
+        if entry.lineage is not None and self.lineage_released is not None:
+            self.lineage_released(entry.lineage)
         if entry.kind == ACTOR_HANDLES:     # (what the listeners are for)
             for listener in self.freed_listeners:
                 listener(object_id, entry)

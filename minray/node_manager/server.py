@@ -33,16 +33,17 @@ from minray.node_manager.actors import ActorManager
 from minray.node_manager.cluster import ClusterView, NodeInfo
 from minray.node_manager.dispatch import Dispatcher
 from minray.node_manager.lineage import LineageLog
-from minray.exceptions import ObjectLostError, OwnerDiedError
-from minray.node_manager.objects import ObjectDirectory, error_object
+from minray.node_manager.objects import ObjectDirectory
 from minray.node_manager.output import OutputRouter
 from minray.node_manager.peers import PeerTable
+from minray.node_manager.recovery import ObjectRecovery
+from minray.node_manager.spilling import Spiller
 from minray.node_manager.tasks import TaskManager
 from minray.node_manager.transfer import Puller, TransferServer
 from minray.node_manager.workers import WorkerPool
 from minray.object_store import SharedStore
 from minray.protocol import (
-    ERROR, IN_STORE, NODE_MANAGER_MESSAGE_LENGTHS, PEER_ONLY, REQUEST_ID_FIELD, TO_NODE_MANAGER,
+    IN_STORE, NODE_MANAGER_MESSAGE_LENGTHS, PEER_ONLY, REQUEST_ID_FIELD, TO_NODE_MANAGER,
     bad_message,
 )
 from minray.session import NODE_FILE, node_socket_path
@@ -152,7 +153,12 @@ class NodeManager:
         self.tasks = TaskManager(self.dispatcher, self.objects, self.lineage)
         self.actors = ActorManager(self.dispatcher, self.tasks, self.objects, self.lineage)
         self.actors.kill_worker = self.worker_died
-        actors = self.actors
+        self.recovery = ObjectRecovery(self.objects, self.tasks)
+        self.spiller = Spiller(self.store, self.objects, session_dir)
+        queued_on, actors = self.dispatcher.queues.waiting, self.actors
+        self.objects.wanted_here = lambda object_id: (
+            object_id in queued_on or object_id in actors.waiting_creation
+            or object_id in actors.waiting_calls)
         self.handlers = {
             "hello": self.on_hello, "fn": self.on_function, "submit": self.tasks.submit,
             "put": self.on_put, "sub": self.on_subscribe, "borrow": self.on_borrow,
@@ -176,6 +182,7 @@ class NodeManager:
             "output": self.output.from_worker, "forwarded_output": self.output.from_peer,
             "name": actors.on_name_request, "name_reply": actors.on_name_reply,
             "locate_actor": actors.on_locate_actor, "actor_host": actors.on_actor_host,
+            "lost": self.recovery.on_lost, "make_room": self.on_make_room,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -218,9 +225,10 @@ class NodeManager:
         port = tcp_server.sockets[0].getsockname()[1]
         self.address = f"{self.node_ip}:{port}"
         self.objects.address = self.address
-        self.transfer = TransferServer(self.store, self.token, self.node_ip)
+        self.transfer = TransferServer(self.store, self.token, self.node_ip,
+                                       self.spiller.file_of)
         self.transfer.start()
-        self.puller = Puller(self.store, self.token, loop)
+        self.puller = Puller(self.store, self.token, loop, self.spiller.make_room)
         own = NodeInfo(node_id=self.node_id.hex(), address=self.address,
                        transfer_address=self.transfer.address,
                        is_head=self.head_address is None, resources=dict(self.resources),
@@ -237,6 +245,7 @@ class NodeManager:
         self.cluster.rebalance = self.tasks.rebalance
         self.tasks.cluster, self.tasks.peers = self.cluster, self.peers
         self.actors.cluster, self.actors.peers = self.cluster, self.peers
+        self.recovery.cluster, self.recovery.peers = self.cluster, self.peers
         return tcp_server
 
     async def _join(self):
@@ -288,6 +297,7 @@ class NodeManager:
         if self.puller is not None:
             self.puller.close()
         self.pool.stop_all()
+        self.spiller.close()
         self.lineage.close()
         self.objects.entries.clear()
         self.store.close()
@@ -419,20 +429,10 @@ class NodeManager:
     def node_died(self, address):
         """A node is dead: what only it held is lost, what it ran for us runs
         again (max_retries) or fails, and it holds nothing of ours."""
-        lost = list(self.objects.located_on(address))
         peer = self.peers.known(address) or self.peers.get(address)
         self.tasks.node_died(address)
         self.actors.node_died(address)
-        for object_id, entry in lost:
-            if entry.owner_peer is not None and entry.owner_peer.address == address:
-                exc = OwnerDiedError(f"object {object_id.hex()} is lost: the node that owns "
-                                     f"it ({address}) died")
-            else:
-                exc = ObjectLostError(f"object {object_id.hex()} is lost: its only copy was on "
-                                      f"node {address}, which died")
-            meta, data = error_object(exc)
-            self.objects.set_ready(object_id, ERROR, meta, data)
-            self.objects.announce(object_id)
+        self.recovery.node_died(address)
         self.objects.forget_connection(peer)
         self.dispatcher.schedule()
 
@@ -512,7 +512,8 @@ class NodeManager:
             result = {"objects": self.objects.stats(), "tasks": len(self.tasks.tasks),
                       "workers": len(self.pool.workers), "ready": queues.num_ready,
                       "waiting": queues.num_waiting, "store": self.store.stats(),
-                      "lineage": self.lineage.stats()}
+                      "lineage": self.lineage.stats(), "reconstruction": self.recovery.stats(),
+                      "spilling": self.spiller.stats()}
         else:
             result = None
         conn.send(("info", request_id, result))
@@ -530,6 +531,21 @@ class NodeManager:
         if kind == IN_STORE:
             self.lineage.log_object(object_id, entry, None)
         self.objects.announce(object_id)
+
+    def on_make_room(self, conn, request_id, size):
+        """A process's put or result did not fit: spill to make room for it."""
+        if type(size) is not int or size < 0:
+            raise ValueError(f"make_room needs a size in bytes, got {size!r}")
+
+        async def spill_then_answer():
+            try:
+                room = await self.spiller.make_room(size)
+            except Exception as exc:
+                log.exception("spilling to make room for %d bytes failed", size)
+                conn.send(("failed", request_id, f"{type(exc).__name__}: {exc}"))
+                return
+            conn.send(("info", request_id, room))
+        asyncio.ensure_future(spill_then_answer())
 
     def on_subscribe(self, conn, object_ids):
         for object_id in object_ids:

@@ -15,7 +15,7 @@ from minray.exceptions import (
 )
 from minray.node_manager.dispatch import pop_from_worker
 from minray.node_manager.objects import error_object, failed_argument_object
-from minray.protocol import ERROR, IN_STORE, LOCATED, ActorCallSpec, TaskSpec
+from minray.protocol import ERROR, IN_STORE, LOCATED, SPILLED, ActorCallSpec, TaskSpec
 from minray.resources import is_valid_request
 
 log = logging.getLogger("minray.node_manager")
@@ -99,6 +99,9 @@ class TaskManager:
         # Set by the actor manager: (call task, dead node address) -> True if
         # it keeps the call to send to the actor's next instance.
         self.retry_actor_call = None
+        # Set by lineage recovery: (spec, its result entries) of each task
+        # submitted here, kept to make lost results again.
+        self.keep_lineage = None
         objects.ready_listeners.append(self.object_ready)
         dispatcher.drop_cancelled = self.fail_cancelled
 
@@ -122,6 +125,19 @@ class TaskManager:
                 existing.owner = conn
             return
         task, failed, missing = self._register(spec, conn)
+        if self.keep_lineage is not None:
+            self.keep_lineage(spec, [entries[object_id] for object_id in return_ids])
+        self._place_new(task, failed, missing)
+
+    def resubmit(self, spec, owner):
+        """Run a finished task again (its results were lost: lineage
+        reconstruction); they go where the first run's went."""
+        task, failed, missing = self._register(spec, owner)
+        self._place_new(task, failed, missing)
+
+    def _place_new(self, task, failed, missing):
+        """Queue a task just registered here, send it to another node, or fail it."""
+        spec = task.spec
         if failed is not None:
             self.fail(task, *failed_argument_object(spec.name, *failed))
             return
@@ -134,6 +150,7 @@ class TaskManager:
                 and self.spill(task, need_room=True):
             return
         self.queues.add(task, missing)
+        self.fetch_missing(missing)
         if not missing:
             self.dispatcher.schedule()
 
@@ -244,6 +261,7 @@ class TaskManager:
             self.fail_unschedulable(task)
         else:
             self.queues.add(task, missing)
+            self.fetch_missing(missing)
             if not missing:
                 self.dispatcher.schedule()
 
@@ -293,21 +311,32 @@ class TaskManager:
                        and ((entry := entries.get(arg[1])) is None
                             or self._must_wait_for(arg[1], entry))]
             self.queues.add(task, missing)
+            self.fetch_missing(missing)
             if not missing:
                 self.dispatcher.schedule()
         elif not self.spill(task, need_room=False):
             self.fail_unschedulable(task)
 
-    def _must_wait_for(self, object_id, entry):
-        """Whether a task here must wait for this argument: it is not ready,
-        or it is in another node's store (its fetch is started here)."""
-        if not entry.ready:
-            return True
-        if entry.kind == LOCATED:
-            if self.objects.pull is not None:
-                self.objects.pull(object_id, entry)
-            return True
-        return False
+    @staticmethod
+    def _must_wait_for(object_id, entry):
+        """Whether a task run here must wait for this argument: it is not
+        ready, or it is in another node's store (fetch_missing fetches it
+        once the task is queued here)."""
+        return not entry.ready or entry.kind == LOCATED or entry.kind == SPILLED
+
+    def fetch_missing(self, missing):
+        """Start fetching the arguments in other nodes' stores (or spilled to
+        disk here) of a task or call now queued here (one sent elsewhere
+        leaves them where they are)."""
+        pull = self.objects.pull
+        entries = self.objects.entries
+        for object_id in missing:
+            entry = entries.get(object_id)
+            if entry is not None and entry.ready:
+                if entry.kind == LOCATED:
+                    pull(object_id, entry)
+                elif entry.kind == SPILLED:
+                    self.objects.restore(object_id, entry)
 
     def refuse(self, conn, fields, reason):
         """A submission that could not be handled: its results become errors,

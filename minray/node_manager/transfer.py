@@ -20,23 +20,26 @@ if the puller or its own setting asks for it. The bytes are not encrypted.
 
 Concurrent pulls of one object are merged into one.
 """
+import asyncio
 import hashlib
 import hmac
 import ipaddress
 import logging
+import mmap
 import os
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from minray import wire
-from minray.exceptions import ObjectExistsError
+from minray.exceptions import ObjectExistsError, ObjectStoreFullError
 
 log = logging.getLogger("minray.node_manager")
 
 CHUNK_BYTES = 8 << 20
 PULL_THREADS = 4
 CONNECT_TIMEOUT_S = 10.0
+MAKE_ROOM_TIMEOUT_S = 120.0 # spilling to disk to make room for a pulled object
 IDLE_TIMEOUT_S = 30.0       # a peer silent this long mid-transfer is given up on
 
 
@@ -80,9 +83,10 @@ def accept_client(sock, token):
 class TransferServer:
     """Serves this node's objects to pulling nodes."""
 
-    def __init__(self, store, token, host):
+    def __init__(self, store, token, host, spilled_file=lambda object_id: None):
         self.store = store
         self.token = token
+        self.spilled_file = spilled_file    # object id -> (path, meta, size) or None
         self.listener = socket.create_server((host, 0), backlog=wire.LISTEN_BACKLOG)
         self.address = f"{host}:{self.listener.getsockname()[1]}"
         self.closed = False
@@ -136,26 +140,46 @@ class TransferServer:
     def _send_object(self, sock, object_id, with_mac):
         try:
             pinned = self.store.get(object_id)
-        except Exception as exc:          # not here (evicted, freed) or a bad id
-            sock.sendall(wire.encode(("missing", f"{type(exc).__name__}: {exc}")))
-            return True
+        except Exception as exc:          # not here (evicted, freed, spilled) or a bad id
+            return self._send_spilled(sock, object_id, with_mac, exc)
         try:
             with memoryview(pinned) as data:
-                size = len(data)
-                sock.sendall(wire.encode(("object", size, pinned.metadata, with_mac)))
-                mac = _mac(self.token, object_id) if with_mac else None
-                for offset in range(0, size, CHUNK_BYTES):
-                    with data[offset:offset + CHUNK_BYTES] as chunk:
-                        sock.sendall(chunk)
-                        if mac is not None:
-                            mac.update(chunk)
-            if mac is not None:
-                sock.sendall(mac.digest())
+                sock.sendall(wire.encode(("object", len(data), pinned.metadata, with_mac)))
+                self._send_bytes(sock, object_id, with_mac, data)
             return True
         except OSError:
             return False
         finally:
             pinned.release()
+
+    def _send_bytes(self, sock, object_id, with_mac, data):
+        mac = _mac(self.token, object_id) if with_mac else None
+        for offset in range(0, len(data), CHUNK_BYTES):
+            with data[offset:offset + CHUNK_BYTES] as chunk:
+                sock.sendall(chunk)
+                if mac is not None:
+                    mac.update(chunk)
+        if mac is not None:
+            sock.sendall(mac.digest())
+
+    def _send_spilled(self, sock, object_id, with_mac, store_error):
+        """An object spilled to disk here is sent from its file."""
+        found = self.spilled_file(object_id) if isinstance(object_id, bytes) else None
+        try:
+            with open(found[0], "rb") as f:
+                data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) \
+                    if found[2] else memoryview(b"")
+        except (TypeError, OSError) as exc:
+            why = store_error if found is None else exc
+            sock.sendall(wire.encode(("missing", f"{type(why).__name__}: {why}")))
+            return True
+        try:
+            with data:
+                sock.sendall(wire.encode(("object", len(data), found[1], with_mac)))
+                self._send_bytes(sock, object_id, with_mac, data)
+            return True
+        except OSError:
+            return False
 
 
 def read_frame(sock):
@@ -174,10 +198,11 @@ class Puller:
     on the event loop (error None: sealed here with a primary pin).
     """
 
-    def __init__(self, store, token, loop):
+    def __init__(self, store, token, loop, make_room=None):
         self.store = store
         self.token = token
         self.loop = loop
+        self.make_room = make_room          # coroutine (size) -> bool: spill for room
         self.executor = ThreadPoolExecutor(PULL_THREADS, thread_name_prefix="minray-pull")
         self.in_flight = {}                 # object id -> [done callbacks]
         self.integrity = integrity_setting()
@@ -223,7 +248,7 @@ class Puller:
                     "the node sent the object without its MAC, and this node requires one "
                     "(MINRAY_TRANSFER_INTEGRITY): set it the same on every node")
             try:
-                buf = self.store.create_object(object_id, size, meta, map_now=False)
+                buf = self._create(object_id, size, meta)
             except ObjectExistsError:
                 if self.store.hold_primary(object_id):
                     return                     # a copy is here already
@@ -240,6 +265,19 @@ class Puller:
                     self.store.abort(object_id)
         finally:
             sock.close()
+
+    def _create(self, object_id, size, meta):
+        """Room for a pulled object; a full store spills to make it (this
+        thread waits for the event loop to do so)."""
+        try:
+            return self.store.create_object(object_id, size, meta, map_now=False)
+        except ObjectStoreFullError:
+            if self.make_room is None or size > self.store.capacity:
+                raise
+            room = asyncio.run_coroutine_threadsafe(self.make_room(size), self.loop)
+            if not room.result(MAKE_ROOM_TIMEOUT_S):
+                raise
+            return self.store.create_object(object_id, size, meta, map_now=False)
 
     def _receive_into(self, sock, view, object_id, with_mac):
         size = len(view)

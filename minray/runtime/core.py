@@ -16,11 +16,12 @@ import time
 
 from minray import ids, wire
 from minray.exceptions import (
-    GetTimeoutError, ObjectLostError, ObjectNotFoundError, RaySystemError, RayTaskError,
+    GetTimeoutError, ObjectLostError, ObjectNotFoundError, ObjectStoreFullError,
+    RaySystemError, RayTaskError,
     TaskCancelledError,
 )
 from minray.object_store import SharedStore, write_serialized
-from minray.protocol import ERROR, IN_STORE, INLINE, STDERR
+from minray.protocol import ERROR, IN_STORE, INLINE, LOCATED, STDERR
 from minray.serialization import deserialize
 
 INLINE_MAX_BYTES = 100 * 1024      # values up to this size travel in messages
@@ -28,6 +29,7 @@ INLINE_MAX_BYTES = 100 * 1024      # values up to this size travel in messages
 # error that arrives for one of them is still reported as unhandled.
 DROPPED_PENDING_MAX = 10_000
 BOOKKEEPING_DELAY_S = 0.1          # longest a dropped ref waits to be reported
+MAKE_ROOM_TIMEOUT_S = 300.0        # spilling to disk to make room for a put or result
 BACKGROUND_READ_CHUNKS = 64        # most reads of up to 1 MiB per background poll
 # A worker's printed output (minray.worker.output) rides ahead of its next
 # message; past OUTPUT_SEND_BYTES it wakes the bookkeeping thread to send it
@@ -81,6 +83,11 @@ class CoreClient:
         self.objects = {}            # object id -> (kind, meta, payload)
         self.ref_counts = {}         # object id -> live ObjectRefs in this process
         self.owned = set()           # ids whose value is pushed to us unasked
+        # Owned ids ready in another node's store: fetched here only when
+        # wanted (get, or wait with fetch_local), as in Ray.
+        self.located = set()
+        self.wanted = set()          # owned ids get/wait wait for, not ready yet
+        self.pending_fetch = []      # located ids wanted here: subscribe to them
         self.borrowed = set()        # ids of refs we were handed (not ours)
         self.pending_borrow = []
         self.errors_raised = set()   # error objects `get` has raised here
@@ -145,7 +152,7 @@ class CoreClient:
                 frames = self._bookkeeping_frames() + frames
             try:
                 self._send_locked(b"".join(frames))
-                if self.pending_giveback:        # read while we waited to send
+                if self.pending_giveback or self.pending_fetch:   # read while we waited
                     self._send_locked(b"".join(self._bookkeeping_frames()))
             except OSError as exc:
                 raise RaySystemError(f"lost the connection to the node manager: {exc}") from None
@@ -231,12 +238,12 @@ class CoreClient:
             with self.cond:
                 self.reading = False
                 self.cond.notify_all()
-        if self.pending_giveback:
+        if self.pending_giveback or self.pending_fetch:
             self._send_bookkeeping()
 
     def _has_bookkeeping(self):
         return bool(self.pending_free or self.pending_escape or self.pending_borrow
-                    or self.pending_giveback or self.pending_output)
+                    or self.pending_giveback or self.pending_output or self.pending_fetch)
 
     def _bookkeeping_frames(self):
         # Output first: what a task printed arrives before its result.
@@ -246,6 +253,9 @@ class CoreClient:
         if self.pending_giveback:
             given, self.pending_giveback = self.pending_giveback, []
             frames.append(wire.encode(("giveback", given)))
+        if self.pending_fetch:
+            fetch, self.pending_fetch = self.pending_fetch, []
+            frames.append(wire.encode(("sub", fetch)))
         if self.pending_escape:
             escaped, self.pending_escape = self.pending_escape, []
             frames.append(wire.encode(("escape", escaped)))
@@ -326,7 +336,7 @@ class CoreClient:
                 with self.cond:
                     self.reading = False
                     self.cond.notify_all()
-            if self.pending_giveback:
+            if self.pending_giveback or self.pending_fetch:
                 self._send_bookkeeping()
 
     def _receive(self, timeout):
@@ -364,7 +374,16 @@ class CoreClient:
         kind = message[0]
         if kind == "obj":
             _, object_id, value_kind, meta, payload = message
-            if object_id in self.ref_counts or object_id in self.subscribed:
+            if value_kind == LOCATED:
+                if object_id in self.ref_counts:
+                    self.located.add(object_id)
+                    if object_id in self.wanted and object_id not in self.subscribed:
+                        # Sent once this read is done (the reader may hold send_lock).
+                        self.subscribed.add(object_id)
+                        self.pending_fetch.append(object_id)
+            elif object_id in self.ref_counts or object_id in self.subscribed:
+                if self.wanted:
+                    self.wanted.discard(object_id)
                 self.objects[object_id] = (value_kind, meta, payload)
                 if value_kind == ERROR:
                     self.errors_arrived += 1
@@ -441,6 +460,10 @@ class CoreClient:
         self.ref_counts.pop(object_id, None)
         value = self.objects.pop(object_id, None)
         self.subscribed.discard(object_id)
+        if self.located:
+            self.located.discard(object_id)
+        if self.wanted:
+            self.wanted.discard(object_id)
         owned = object_id in self.owned
         if owned:
             self.owned.discard(object_id)
@@ -541,19 +564,41 @@ class CoreClient:
             self.objects[object_id] = (INLINE, meta, payload)
             self.send(("put", object_id, INLINE, meta, payload, contained))
             return
-        write_serialized(self.store, object_id, serialized)
+        self.write_to_store(object_id, serialized)
         self.objects[object_id] = (IN_STORE, meta, serialized.total_size)
         self.send(("put", object_id, IN_STORE, meta, serialized.total_size, contained))
+
+    def write_to_store(self, object_id, serialized):
+        """Write a put or result into the store; if the store is full of
+        objects in use, the node manager spills some to disk to make room."""
+        try:
+            write_serialized(self.store, object_id, serialized)
+        except ObjectStoreFullError:
+            size = serialized.total_size
+            if size > self.store.capacity:
+                raise                                  # it can never fit
+            request_id = next(self.request_ids)
+            self.send(("make_room", request_id, size))
+            if not self._reply(request_id, MAKE_ROOM_TIMEOUT_S):
+                raise
+            write_serialized(self.store, object_id, serialized)
 
     def next_put_id(self):
         if self.concurrent:
             return ids.put_object_id(self.actor_id, next(self.shared_counter))
         return ids.put_object_id(self.current_task_id, next(self.put_counter))
 
-    def _missing(self, object_ids):
+    def _missing(self, object_ids, fetch=True):
+        """The ids whose values are not here yet; subscribes to those that
+        will not come unasked (and, with fetch, to ours stored elsewhere)."""
         missing = [o for o in object_ids if o not in self.objects]
         if missing:
-            ask = [o for o in missing if o not in self.owned and o not in self.subscribed]
+            owned = self.owned
+            if fetch:   # ours, still coming: subscribed to when they arrive located
+                self.wanted.update(o for o in missing if o in owned)
+            located = self.located if fetch else ()
+            ask = [o for o in missing if (o not in owned or o in located)
+                   and o not in self.subscribed]
             if ask:
                 self.subscribed.update(ask)
                 self.send(("sub", ask))
@@ -628,12 +673,16 @@ class CoreClient:
 
         return ready
 
-    def wait(self, object_ids, num_returns, timeout):
-        self._missing(object_ids)
+    def wait(self, object_ids, num_returns, timeout, fetch_local=True):
+        self._missing(object_ids, fetch_local)
         objects = self.objects
+        located = () if fetch_local else self.located
+
+        def arrived(object_id):
+            return object_id in objects or object_id in located
 
         def enough():
-            return sum(1 for o in object_ids if o in objects) >= num_returns
+            return sum(1 for o in object_ids if arrived(o)) >= num_returns
 
         if timeout == 0:
             self.wait_until(enough, 0)          # read what has arrived, never block
@@ -644,7 +693,7 @@ class CoreClient:
             finally:
                 if blocked:
                     self._unblocked()
-        ready = [o for o in object_ids if o in objects][:num_returns]
+        ready = [o for o in object_ids if arrived(o)][:num_returns]
         return ready
 
     def value(self, object_id):
@@ -655,15 +704,42 @@ class CoreClient:
             try:
                 pinned = self.store.get(object_id)
             except ObjectNotFoundError:
-                raise ObjectLostError(
-                    f"object {object_id.hex()} was evicted from the object store and cannot "
-                    "be recomputed yet") from None
+                pinned = self._restored(object_id)
             return deserialize(pinned.metadata, pinned)
         error = deserialize(meta, payload)
         self.errors_raised.add(object_id)
         if isinstance(error, RayTaskError):
             raise error.as_instanceof_cause()
         raise error
+
+    def restored_argument(self, object_id):
+        """A task's argument spilled to disk after the task was sent here."""
+        try:
+            return self._restored(object_id)
+        finally:
+            if object_id not in self.ref_counts:
+                self.objects.pop(object_id, None)
+                self.subscribed.discard(object_id)
+
+    def _restored(self, object_id):
+        """An object no longer in the store since we heard of it: spilled to
+        disk. Asking for it again has the node manager bring it back."""
+        self.objects.pop(object_id, None)
+        self.subscribed.add(object_id)
+        self.send(("sub", [object_id]))
+        if not self.wait_until(lambda: object_id in self.objects, MAKE_ROOM_TIMEOUT_S):
+            raise GetTimeoutError(f"object {object_id.hex()} was spilled to disk and not "
+                                  f"restored within {MAKE_ROOM_TIMEOUT_S:.0f} s")
+        kind, _, _ = self.objects[object_id]
+        if kind == IN_STORE:
+            try:
+                return self.store.get(object_id)
+            except ObjectNotFoundError:
+                pass
+        elif kind == ERROR:
+            self.value(object_id)                   # raises it
+        raise ObjectLostError(f"object {object_id.hex()} is no longer in the object store "
+                              "and could not be brought back")
 
     def close(self):
         if self.closed:

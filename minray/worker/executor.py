@@ -13,9 +13,9 @@ import cloudpickle
 
 from minray import ids, runtime_context
 from minray.exceptions import (
-    ActorDiedError, RaySystemError, RayTaskError, SerializationError, TaskCancelledError,
+    ActorDiedError, ObjectNotFoundError, RaySystemError, RayTaskError, SerializationError,
+    TaskCancelledError,
 )
-from minray.object_store import write_serialized
 from minray.protocol import ERROR, IN_STORE, INLINE
 from minray.runtime import core
 from minray.runtime.object_ref import serialize_with_refs
@@ -250,7 +250,10 @@ class Executor:
     def argument(self, arg):
         if arg[0] == "v":
             return deserialize(arg[1], arg[2])
-        pinned = self.client.store.get(arg[1])       # ("s", object_id, meta)
+        try:
+            pinned = self.client.store.get(arg[1])   # ("s", object_id, meta)
+        except ObjectNotFoundError:                  # spilled to disk since dispatched
+            pinned = self.client.restored_argument(arg[1])
         return deserialize(pinned.metadata, pinned)
 
     def encode_returns(self, name, return_ids, result):
@@ -272,7 +275,7 @@ class Executor:
                 results.append((object_id, INLINE, serialized.metadata, serialized.to_bytes(),
                                 contained))
             else:
-                write_serialized(self.client.store, object_id, serialized)
+                self.client.write_to_store(object_id, serialized)
                 results.append((object_id, IN_STORE, serialized.metadata,
                                 serialized.total_size, contained))
         return results

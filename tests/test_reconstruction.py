@@ -1,0 +1,115 @@
+"""Lost objects made again from lineage, with real node managers killed -9."""
+import time
+
+import numpy as np
+import pytest
+
+import minray
+from minray.api import _client
+from minray.exceptions import ObjectLostError
+from test_multinode import add_worker_node, cluster  # noqa: F401  (fixture)
+
+
+def chain_functions():
+    """(make, step), defined here so that they travel by value: the worker
+    nodes cannot import this test module."""
+    @minray.remote(resources={"shared": 1})
+    def make(n):
+        return np.full(1 << 18, float(n)), minray.get_runtime_context().get_node_id()
+
+    @minray.remote(resources={"shared": 1})
+    def step(previous):
+        array, _ = previous
+        return array + 1, minray.get_runtime_context().get_node_id()
+
+    return make, step
+
+
+def wait_until_located(refs, timeout=30):
+    """Until the head knows where each result is (without fetching it: a
+    copy here would not be lost)."""
+    wanted = {ref.hex() for ref in refs}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kinds = {row["id"]: row["kind"] for row in _client().request_info("objects")}
+        if all(kinds.get(object_id) == "remote" for object_id in wanted):
+            return
+        assert "error" not in {kinds.get(object_id) for object_id in wanted}
+        time.sleep(0.02)
+    raise AssertionError(f"results not reported within {timeout} s: {kinds}")
+
+
+def test_a_chain_whose_results_were_all_on_a_dead_node_is_made_again(cluster):
+    node3 = add_worker_node(cluster, 3, shared=1)
+    minray.init(address=cluster.address)
+    make, step = chain_functions()
+    first = make.remote(1)
+    middle = step.remote(first)
+    last = step.remote(middle)
+    wait_until_located([last])
+    del first, middle              # freed: only the lineage of `last` remembers them
+    node2 = add_worker_node(cluster, 2, shared=1)
+    cluster.remove_node(node3, allow_graceful=False)
+
+    array, where = minray.get(last, timeout=120)
+    assert where == node2.node_id
+    assert array.shape == (1 << 18,) and np.all(array == 3.0)
+    stats = _client().request_info("stats")
+    assert stats["reconstruction"]["reconstructions"] == 3      # last, middle, first
+
+
+def test_a_borrower_holding_a_dead_copy_gets_the_made_again_value(cluster, tmp_path):
+    node3 = add_worker_node(cluster, 3, shared=1)
+    add_worker_node(cluster, 2, consumer=1)
+    minray.init(address=cluster.address)
+    make, _ = chain_functions()
+    made = make.remote(7)
+    wait_until_located([made])
+    go = tmp_path / "go"
+
+    @minray.remote(resources={"consumer": 1})
+    def read_later(boxed, path):
+        import os
+        while not os.path.exists(path):      # node 3 dies meanwhile
+            time.sleep(0.01)
+        array, _ = minray.get(boxed[0])
+        return float(array.sum())
+
+    result = read_later.remote([made], str(go))
+    time.sleep(0.5)                         # (the borrower has heard where it is)
+    add_worker_node(cluster, 4, shared=1)
+    cluster.remove_node(node3, allow_graceful=False)
+    go.touch()
+    assert minray.get(result, timeout=120) == 7.0 * (1 << 18)
+
+
+def test_a_lost_result_whose_freed_input_was_a_put_names_the_put(cluster):
+    node3 = add_worker_node(cluster, 3, shared=1)
+    minray.init(address=cluster.address)
+    data = minray.put(np.ones(1 << 16))
+    put_hex = data.hex()
+
+    @minray.remote(resources={"shared": 1})
+    def total(array):
+        return array * 2
+
+    doubled = total.remote(data)
+    wait_until_located([doubled])
+    del data                              # the put is freed once the task is done
+    add_worker_node(cluster, 2, shared=1)
+    cluster.remove_node(node3, allow_graceful=False)
+    with pytest.raises(ObjectLostError, match=put_hex) as caught:
+        minray.get(doubled, timeout=120)
+    assert "minray.put" in str(caught.value)
+
+
+def test_reconstruction_is_bounded_by_max_retries(cluster):
+    node3 = add_worker_node(cluster, 3, shared=1)
+    minray.init(address=cluster.address)
+    make, _ = chain_functions()
+    made = make.options(max_retries=0).remote(5)
+    wait_until_located([made])
+    add_worker_node(cluster, 2, shared=1)
+    cluster.remove_node(node3, allow_graceful=False)
+    with pytest.raises(ObjectLostError, match="max_retries"):
+        minray.get(made, timeout=120)
