@@ -16,6 +16,8 @@ different loopback addresses (127.0.0.2, 127.0.0.3, ...) to tell them apart
 as machines. The first node added is the head.
 """
 import atexit
+import os
+import signal
 import time
 
 from minray.node_launcher import query_node, start_node, stop_node
@@ -32,6 +34,8 @@ class Cluster:
         self.head_node = None
         self.worker_nodes = []
         self._token = None
+        self._head_args = {}
+        self._dead_head = None
         self._connected = False
         if shutdown_at_exit:
             atexit.register(self.shutdown)
@@ -74,6 +78,7 @@ class Cluster:
         if head:
             node = start_node(head=True, keep_process=True, **node_args)
             self.head_node = node
+            self._head_args = dict(node_args, port=0)
             self._token = read_token(node.session_dir)
         else:
             node = start_node(head=False, head_address=self.address, token=self._token,
@@ -91,6 +96,31 @@ class Cluster:
         else:
             raise ValueError(f"{node!r} is not a node of this cluster")
         stop_node(node, force=not allow_graceful)
+
+    def kill_head(self):
+        """SIGKILL the head's node manager, alone, as a crash would (its
+        control store shards stop by themselves); restart_head() brings the
+        cluster a new head in its session."""
+        if self.head_node is None:
+            raise RuntimeError("the cluster has no head to kill")
+        head, self.head_node = self.head_node, None
+        os.kill(head.pid, signal.SIGKILL)
+        if head.process is not None:
+            head.process.wait()
+        self._dead_head = head
+
+    def restart_head(self, **node_args):
+        """Start a head that takes over the dead one's cluster (its token,
+        control store and address): the other nodes link to it again.
+        Takes add_node()'s arguments; by default the dead head's."""
+        if self._dead_head is None:
+            raise RuntimeError("no head of this cluster died: kill_head() first")
+        args = dict(self._head_args, **node_args)
+        args.pop("num_gcs_shards", None)       # (the session's own count)
+        node = start_node(head=True, keep_process=True,
+                          resume_session=self._dead_head.session_dir, **args)
+        self.head_node, self._dead_head = node, None
+        return node
 
     def list_all_nodes(self):
         """The head (if any) and the other nodes, in the order they were added."""

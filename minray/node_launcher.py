@@ -98,10 +98,13 @@ def normalize_address(address):
 def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.1", port=0,
                num_cpus=None, num_gpus=None, resources=None, object_store_memory=None,
                num_gcs_shards=1, num_workers=None, memory=None, timeout=START_TIMEOUT_S,
-               keep_process=False):
+               keep_process=False, resume_session=None):
     """Start a detached node manager; return its Node once it is ready.
 
-    head=True starts a new cluster (its token is made here). Otherwise
+    head=True starts a new cluster (its token is made here), or with
+    resume_session (the session directory of a head that died) takes that
+    cluster over: the same token, control store, address (unless `port` is
+    given) and shard ports, so the other nodes link to it again. Otherwise
     `head_address` ("host:port" of the head's node manager) and the cluster's
     `token` (bytes) are required. Raises NodeStartError (quoting the node
     manager's log) if it exits or is not ready in time; nothing is left
@@ -126,8 +129,18 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
                           object_store_memory=object_store_memory,
                           num_gcs_shards=num_gcs_shards, log_to_driver=False, memory=memory,
                           num_workers=num_workers)
-    clean_stale_sessions(include_embedded=True)
-    session_dir = create_session_dir(token=None if head else token)
+    if resume_session is not None:
+        if not head:
+            raise ValueError("resume_session is for a head taking over a dead head's cluster")
+        session_dir = resume_session
+        port = _resumable_head_port(session_dir, port)
+        _kill_leftovers(session_dir)
+        for name in (READY_FILE, NODE_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(session_dir, name))
+    else:
+        clean_stale_sessions(include_embedded=True, include_heads=head)
+        session_dir = create_session_dir(token=None if head else token)
     logs = os.path.join(session_dir, LOGS_DIR)
     os.makedirs(logs, mode=0o700, exist_ok=True)
     log_path = os.path.join(logs, "node_manager.log")
@@ -141,6 +154,8 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
         "--ready-file", ready, "--no-log-to-driver")
     if head:
         argv += ["--head", "--num-gcs-shards", str(config.num_gcs_shards)]
+        if resume_session is not None:
+            argv.append("--resume")
     else:
         argv += ["--head-address", head_address]
     env = startup_env(log_path)
@@ -152,7 +167,8 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
             process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                        start_new_session=True, env=env, close_fds=True)
     except BaseException:
-        _clean_session(session_dir)
+        if resume_session is None:
+            _clean_session(session_dir)
         raise
     _write_json(os.path.join(session_dir, LAUNCH_FILE),
                 {"pid": process.pid, "head": bool(head), "head_address": head_address})
@@ -170,7 +186,8 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
             time.sleep(0.01)
     except BaseException:               # failed, or Ctrl-C while waiting: leave nothing
         _stop_tree(process.pid, force=True, process=process)
-        _clean_session(session_dir)
+        if resume_session is None:      # (a dead head's session stays for another try)
+            _clean_session(session_dir)
         raise
     with open(ready) as f:
         socket_path = f.read().strip()
@@ -187,8 +204,27 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
     return node
 
 
+def _resumable_head_port(session_dir, port):
+    """The port a head taking over `session_dir` listens on: `port`, else the
+    dead head's. ValueError if the session is not a dead head's."""
+    if not os.path.exists(os.path.join(session_dir, TOKEN_FILE)):
+        raise ValueError(f"{session_dir} is not the session of a head that can be restarted "
+                         "(it has no token: it ended, or was cleaned up by `minray stop`)")
+    info = read_node_info(session_dir) or _launch_info(session_dir) or {}
+    if not _is_detached_head(info):
+        raise ValueError(f"{session_dir} is not a head's session")
+    if _is_node_manager(info.get("pid"), session_dir):
+        raise ValueError(f"the head of {session_dir} is still running (pid {info.get('pid')})")
+    if port:
+        return port
+    address = info.get("address")
+    if not address:
+        raise ValueError(f"the head of {session_dir} never got ready: start a new head")
+    return int(address.rpartition(":")[2])
+
+
 def _join_timeout():
-    from minray.node_manager.server import JOIN_TIMEOUT_S
+    from minray.node_manager.membership import JOIN_TIMEOUT_S
     return JOIN_TIMEOUT_S
 
 
@@ -342,12 +378,14 @@ def stop_node(node, force=False, grace_s=STOP_GRACE_S):
     return was_running
 
 
-def clean_stale_sessions(include_embedded=False):
+def clean_stale_sessions(include_embedded=False, include_heads=False):
     """Clean up after nodes started here whose node manager is gone (killed,
     or crashed): their session (the logs stay) and arena. With
     include_embedded, also the clusters drivers started with init() whose
     node manager is gone (a node manager killed with -9 can't remove its
-    own arena). Returns how many."""
+    own arena). A dead head keeps its session (token, control store), which
+    `minray start --head --restart` takes over, unless include_heads (a new
+    head, `minray stop`); only its arena goes. Returns how many."""
     cleaned = 0
     for session_dir in local_sessions():
         if not os.path.exists(os.path.join(session_dir, TOKEN_FILE)):
@@ -358,9 +396,61 @@ def clean_stale_sessions(include_embedded=False):
         if info.get("embedded") and not include_embedded:
             continue
         if not _is_node_manager(info.get("pid"), session_dir):
+            if _is_detached_head(info) and not include_heads:
+                _remove_arenas(session_dir)
+                continue
             _clean_session(session_dir)
             cleaned += 1
     return cleaned
+
+
+def _is_detached_head(info):
+    return bool(info.get("is_head", info.get("head"))) and not info.get("embedded")
+
+
+def dead_head_session():
+    """The newest session of a head started here (minray start, cluster_utils)
+    whose node manager is gone, or None."""
+    for session_dir in reversed(local_sessions()):
+        if not os.path.exists(os.path.join(session_dir, TOKEN_FILE)):
+            continue
+        info = read_node_info(session_dir) or _launch_info(session_dir)
+        if info is not None and _is_detached_head(info) \
+                and not _is_node_manager(info.get("pid"), session_dir):
+            return session_dir
+    return None
+
+
+def _kill_leftovers(session_dir, timeout=10.0):
+    """SIGKILL what a dead node manager left running in its session (its
+    control store shards, workers), and wait until they are gone: a head
+    taking the session over needs their ports and files."""
+    marker = os.fsencode(session_dir)
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if marker in argv:
+            try:
+                os.kill(int(name), signal.SIGKILL)
+                pids.append(int(name))
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break             # a zombie holds nothing (its parent reaps it)
+            except OSError:
+                break
+            time.sleep(0.01)
 
 
 def _launch_info(session_dir):

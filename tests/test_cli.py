@@ -288,3 +288,40 @@ def test_nodes_join_three_ways_and_the_token_is_on_no_command_line(session_root,
     assert stopped.rstrip().splitlines()[-1].startswith("Stopped the minray head")
     poll(lambda: all(gone(p) for p in processes), what="every node's processes gone")
     assert live_sessions(root) == [] and arenas_of(root) == []
+
+
+def test_a_killed_head_is_restarted_with_its_cluster(session_root):
+    root = session_root["MINRAY_SESSION_ROOT"]
+    refused = minray_cli(session_root, "start", "--head", "--restart", "--port", "0",
+                         *NODE_OPTIONS, check=False)
+    assert refused.returncode != 0 and "nothing to restart" in refused.stderr
+    address, pid, token_path, _ = start_head(session_root)
+    joined = minray_cli(dict(session_root, MINRAY_HEAD_TIMEOUT_S="60"), "start", "--address",
+                        address, *NODE_OPTIONS, "--node-ip-address", "127.0.0.2").stdout
+    assert f"joined to the cluster at {address}" in joined
+    os.kill(pid, 9)
+    poll(lambda: gone(pid), what="the head gone")
+
+    out = minray_cli(session_root, "start", "--head", "--restart", *NODE_OPTIONS).stdout
+    match = re.search(r"Restarted the minray head \w+ at (\S+) \(pid (\d+)\) in (\S+):", out)
+    assert match, out
+    assert match.group(1) == address                     # same address, same session
+    assert match.group(3) == os.path.dirname(token_path)
+    # The node that was there links to it again, and drivers use both.
+    poll(lambda: "2 node(s) alive" in minray_cli(session_root, "status").stdout,
+         what="the node linked to the restarted head")
+    run_driver(f"""
+import minray
+minray.init(address={address!r})
+
+@minray.remote(num_cpus=1)
+def node():
+    import time
+    time.sleep(0.2)
+    return minray.get_runtime_context().get_node_id()
+
+assert len(set(minray.get([node.remote() for _ in range(8)]))) == 2
+print("DRIVER DONE")
+""", env=session_root)
+    minray_cli(session_root, "stop")
+    assert live_sessions(root) == []

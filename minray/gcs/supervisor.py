@@ -61,7 +61,7 @@ class GcsProcesses:
 
     def __init__(self, session_dir, num_shards=1, shards_per_process=None, host="127.0.0.1",
                  map_bytes=DEFAULT_MAP_BYTES, max_map_bytes=DEFAULT_MAX_MAP_BYTES,
-                 restart=True, watch_parent=True):
+                 restart=True, watch_parent=True, ports=None):
         if not isinstance(num_shards, int) or num_shards < 1:
             raise ValueError(f"num_gcs_shards must be a positive int, got {num_shards!r}")
         self.session_dir = session_dir
@@ -73,7 +73,11 @@ class GcsProcesses:
         self.max_map_bytes = max_map_bytes
         self.restart = restart
         self.watch_parent = watch_parent
-        self.ports = [0] * num_shards
+        # 0: any free port; a restarted head passes its shards' old ports,
+        # which the other nodes' clients reconnect to.
+        self.ports = list(ports) if ports else [0] * num_shards
+        if len(self.ports) != num_shards:
+            raise ValueError(f"{len(self.ports)} ports for {num_shards} shards")
         self.processes = [None] * len(self.groups)
         self.restarts = 0
         self._stopping = False

@@ -47,6 +47,9 @@ def main(argv=None):
                         help="the address other nodes reach this one at")
     parser.add_argument("--port", type=int, default=0,
                         help="TCP port for other node managers (0: any free port)")
+    parser.add_argument("--resume", action="store_true",
+                        help="head only: take over the session of a head that died (same "
+                        "token, control store and ports)")
     parser.add_argument("--head-address",
                         help="HOST:PORT of the head node manager to join (not with --head)")
     args = parser.parse_args(argv)
@@ -65,8 +68,18 @@ def main(argv=None):
     if gpu_ids is not None and len(gpu_ids) != int(resources.get("GPU", 0)):
         parser.error(f"--gpu-ids lists {len(gpu_ids)} GPUs but the resources say "
                      f"{resources.get('GPU', 0)}")
-    gcs_processes = (GcsProcesses(args.session_dir, args.num_gcs_shards,
-                                  host=args.node_ip_address) if args.head else None)
+    if args.resume and not args.head:
+        parser.error("--resume applies to a head")
+    ports = None
+    if args.resume:
+        from minray.gcs.supervisor import read_shard_map
+        try:
+            ports = [port for _, port in read_shard_map(args.session_dir)]
+        except FileNotFoundError:
+            ports = None
+    gcs_processes = (GcsProcesses(args.session_dir, len(ports) if ports else args.num_gcs_shards,
+                                  host=args.node_ip_address, ports=ports)
+                     if args.head else None)
 
     def connect_gcs():
         if gcs_processes is not None:
@@ -88,7 +101,7 @@ def main(argv=None):
                          token, connect_gcs, args.num_workers, args.embedded, args.ready_file,
                          args.parent_pid, log_to_driver=not args.no_log_to_driver,
                          gpu_ids=gpu_ids, node_ip=args.node_ip_address, port=args.port,
-                         head_address=args.head_address)
+                         head_address=args.head_address, resume=args.resume)
     except JoinError as exc:
         logging.getLogger("minray.node_manager").error("%s", exc)
         raise SystemExit(2)

@@ -256,6 +256,13 @@ class ActorsAcrossNodes:
         self._forget_remote(actor, f"actor {name} died: its node {dead_address} died and no "
                                    f"live node has the resources it needs ({needed})")
 
+    def claim_names_again(self):
+        """A restarted head knows no names: claim ours again."""
+        for key in list(self.names):
+            found = self.lookup(*key)
+            if found is not None:
+                self._ask_head(None, "claim", key, found)
+
     def _asks_head(self):
         return self.cluster is not None and not self.cluster.is_head
 

@@ -33,22 +33,28 @@ SPILL_CREDITS_PER_CPU = 8
 JOIN_CONNECT_ATTEMPTS = 10
 
 
-def node_timeout_s():
-    value = os.environ.get("MINRAY_NODE_TIMEOUT_S", "3")
+def _seconds_setting(name, default):
+    value = os.environ.get(name)
+    if value is None:
+        return default
     try:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
     if not seconds > 0:
-        raise ValueError(f"MINRAY_NODE_TIMEOUT_S must be a positive number of seconds, "
-                         f"got {value!r}")
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
     return seconds
+
+
+def node_timeout_s():
+    return _seconds_setting("MINRAY_NODE_TIMEOUT_S", 3.0)
 
 
 def head_timeout_s():
     """How long a node goes on without hearing from its head (the cluster is
-    gone, or this node was cut off and declared dead) before it stops."""
-    return max(30.0, 10 * node_timeout_s())
+    gone, or this node was cut off and declared dead) before it stops: the
+    time a head has to be restarted (MINRAY_HEAD_TIMEOUT_S)."""
+    return _seconds_setting("MINRAY_HEAD_TIMEOUT_S", max(30.0, 10 * node_timeout_s()))
 
 
 class NodeInfo:
@@ -87,9 +93,12 @@ class ClusterView:
         self.timeout_s = node_timeout_s()
         self.dead_addresses = set()
         self.in_flight = {}                # address -> our tasks running or queued there
-        self.on_head_lost = None           # () -> None: a node whose head is gone stops
+        self.on_head_lost = None           # (why) -> None: a node whose head is gone stops
         self.rebalance = None              # () -> None: move queued tasks to nodes with room
         self.heard_from_head = time.monotonic()
+        # A restarted head: address -> (row, deadline) of nodes the control
+        # store lists as alive that have not linked to us again yet.
+        self.expected = {}
 
     # ------------------------------------------------------------ both sides
     def start(self):
@@ -116,9 +125,10 @@ class ClusterView:
                 self.peers.get(self.head_address).send(("heartbeat", self._load_fields()))
                 silent = time.monotonic() - self.heard_from_head
                 if silent > head_timeout_s() and self.on_head_lost is not None:
-                    log.error("no word from the head %s for %.0f s: this node stops",
-                              self.head_address, silent)
-                    self.on_head_lost()
+                    self.on_head_lost(
+                        f"no word from the head {self.head_address} for {silent:.0f} s (a head "
+                        "that died must be restarted within MINRAY_HEAD_TIMEOUT_S, "
+                        f"{head_timeout_s():.0f} s)")
                     return
 
     def _load_fields(self):
@@ -189,8 +199,37 @@ class ClusterView:
         if self.is_head and node is not None and node.alive and node is not self.own:
             self.mark_dead(node, "its connection to the head closed")
 
+    def expect(self, rows):
+        """A restarted head: the newest record of each node marked alive."""
+        newest = {}
+        for row in rows:
+            address = row.get("address")
+            if isinstance(address, str) and (address not in newest or
+                                             row.get("time", 0) > newest[address].get("time", 0)):
+                newest[address] = row
+        deadline = time.monotonic() + max(3 * self.timeout_s, 5.0)
+        for address, row in newest.items():
+            if row.get("state") == "ALIVE" and address != self.own.address \
+                    and address not in self.nodes:
+                self.expected[address] = (row, deadline)
+        if self.expected:
+            log.info("restarted head: waiting for %d node(s) to link again: %s",
+                     len(self.expected), ", ".join(sorted(self.expected)))
+
+    def _check_expected(self, now):
+        for address, (row, deadline) in list(self.expected.items()):
+            if address in self.nodes:
+                del self.expected[address]
+            elif now > deadline:
+                del self.expected[address]
+                node = self.nodes[address] = NodeInfo(
+                    **{name: row.get(name) for name in NodeInfo.FIELDS})
+                self.mark_dead(node, "it did not link to the restarted head")
+
     def _check_timeouts(self):
         now = time.monotonic()
+        if self.expected:
+            self._check_expected(now)
         for node in self.alive_nodes():
             if node is not self.own and now - node.last_heard > self.timeout_s:
                 self.mark_dead(node, f"no heartbeat for {now - node.last_heard:.1f} s")
@@ -249,8 +288,7 @@ class ClusterView:
                 if not row.get("alive") and self.on_head_lost is not None:
                     # (it stopped answering for a while: the others have
                     # already given up on what it held)
-                    log.error("the head declared this node dead: it stops")
-                    self.on_head_lost()
+                    self.on_head_lost("the head declared this node dead")
                 continue
             node = self.nodes.get(address)
             if node is None:

@@ -33,6 +33,7 @@ from minray.node_manager.actors import ActorManager
 from minray.node_manager.cluster import ClusterView, NodeInfo
 from minray.node_manager.dispatch import Dispatcher
 from minray.node_manager.lineage import LineageLog
+from minray.node_manager.membership import JoinError, Membership
 from minray.node_manager.objects import ObjectDirectory
 from minray.node_manager.output import OutputRouter
 from minray.node_manager.peers import PeerTable
@@ -47,12 +48,6 @@ from minray.protocol import (
     bad_message,
 )
 from minray.session import NODE_FILE, node_socket_path
-
-JOIN_TIMEOUT_S = 30.0
-
-
-class JoinError(RuntimeError):
-    """This node could not join the cluster (unreachable head, refused)."""
 
 log = logging.getLogger("minray.node_manager")
 
@@ -117,8 +112,9 @@ class OutboundLink(Connection):
 class NodeManager:
     def __init__(self, session_dir, node_id, resources, store_capacity, token,
                  num_workers=None, embedded=False, log_to_driver=True, gpu_ids=None,
-                 node_ip="127.0.0.1", port=0, head_address=None):
+                 node_ip="127.0.0.1", port=0, head_address=None, resume=False):
         self.session_dir = session_dir
+        self.resume = resume                  # a head taking over from one that died
         self.node_ip = node_ip
         self.port = port
         self.head_address = head_address      # None on the head
@@ -155,6 +151,7 @@ class NodeManager:
         self.actors.kill_worker = self.worker_died
         self.recovery = ObjectRecovery(self.objects, self.tasks)
         self.spiller = Spiller(self.store, self.objects, session_dir)
+        self.membership = Membership(self)
         queued_on, actors = self.dispatcher.queues.waiting, self.actors
         self.objects.wanted_here = lambda object_id: (
             object_id in queued_on or object_id in actors.waiting_creation
@@ -172,7 +169,7 @@ class NodeManager:
             "actor_kill": lambda conn, actor_id, no_restart: actors.kill(actor_id, no_restart),
             "cancel": self.tasks.cancel,
             # from other node managers
-            "joined": self.on_joined, "refused": self.on_refused,
+            "joined": self.membership.on_joined, "refused": self.membership.on_refused,
             "heartbeat": lambda peer, load: self.cluster.on_heartbeat(peer, load),
             "nodes": lambda peer, rows: self.cluster.on_nodes(rows),
             "value": self.on_peer_value, "run": self._routed(self.tasks.run_forwarded),
@@ -200,12 +197,14 @@ class NodeManager:
             loop.add_signal_handler(sig, self.stopping.set)
         heartbeats = self.cluster.start()
         if self.head_address is not None:
-            await self._join()
+            await self.membership.join()
         watchdog = asyncio.ensure_future(self._watchdog(parent_pid))
         if connect_gcs is not None:
             # Serve drivers and workers at once: the control store (started in
             # parallel on the head) only receives our log, written by a thread.
             self.lineage.start(connect_gcs)
+        if self.resume:
+            asyncio.ensure_future(self.membership.expect_known_nodes())
         self._write_node_file()
         if ready_path:
             with open(ready_path + ".tmp", "w") as f:
@@ -240,26 +239,13 @@ class NodeManager:
         self.cluster = ClusterView(own, self.head_address or self.address, self.peers,
                                    self.lineage, self.node_died)
         self.cluster.load = self.load
-        self.cluster.on_head_lost = lambda: self.stopping.set()
+        self.cluster.on_head_lost = self.membership.head_lost
         self.peers.on_link_failed = self.cluster.link_failed
         self.cluster.rebalance = self.tasks.rebalance
         self.tasks.cluster, self.tasks.peers = self.cluster, self.peers
         self.actors.cluster, self.actors.peers = self.cluster, self.peers
         self.recovery.cluster, self.recovery.peers = self.cluster, self.peers
         return tcp_server
-
-    async def _join(self):
-        try:
-            info = await asyncio.wait_for(self.cluster.joined, JOIN_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise JoinError(f"cannot join the cluster at {self.head_address}: the head did "
-                            f"not answer within {JOIN_TIMEOUT_S:.0f} s") from None
-        except ConnectionRefusedError as exc:
-            raise JoinError(f"cannot join the cluster at {self.head_address}: {exc}") from None
-        # Our log goes to the head's control store, like every node's.
-        from minray.gcs.supervisor import shard_map_file, write_shard_map
-        os.makedirs(os.path.dirname(shard_map_file(self.session_dir)), mode=0o700, exist_ok=True)
-        write_shard_map(self.session_dir, [tuple(a) for a in info["gcs"]])
 
     def _write_node_file(self):
         path = os.path.join(self.session_dir, NODE_FILE)
@@ -335,7 +321,7 @@ class NodeManager:
     # ------------------------------------------------------------ connections
     def on_hello(self, conn, role, info):
         if role == "node":
-            self._peer_hello(conn, info)
+            self.membership.peer_hello(conn, info)
             return
         conn.role = role
         if role == "worker":
@@ -364,52 +350,6 @@ class NodeManager:
             "session_dir": self.session_dir, "resources": self.resources,
             "address": self.address,
         }))
-
-    def _peer_hello(self, conn, info):
-        """Another node manager opened a link to us (a node joining, on the head)."""
-        if not isinstance(info, dict) or not isinstance(info.get("address"), str):
-            raise wire.ProtocolError("a node's hello must carry its address")
-        conn.role = "node"
-        address = info["address"]
-        if self.cluster.is_head:
-            known = self.cluster.nodes.get(address)
-            refused = None
-            if known is None:
-                refused = self.cluster.on_hello(conn, info)
-            elif not known.alive:
-                refused = (f"node {address} was marked dead; stop it and start a fresh node "
-                           "to rejoin")
-            if refused is not None:
-                log.warning("refused node %s: %s", address, refused)
-                conn.send(("refused", refused))
-                conn._flush()              # it must hear why before the link closes
-                conn.closed = True
-                conn.transport.close()
-                return
-            if known is None:
-                self._send_joined(conn)
-        peer = self.peers.get(address)
-        peer.node_id = info.get("node_id")
-        conn.peer_node = peer
-        conn.peer = f"node {address}"
-
-    def _send_joined(self, conn, waited=0.0):
-        """Accept a node: tell it where the control store is (which the head
-        may still be starting)."""
-        from minray.gcs.supervisor import read_shard_map
-        try:
-            shards = read_shard_map(self.session_dir)
-        except FileNotFoundError:
-            if waited < JOIN_TIMEOUT_S:
-                asyncio.get_running_loop().call_later(0.05, self._send_joined, conn, waited + 0.05)
-            return
-        conn.send(("joined", {"gcs": shards, "head_node_id": self.node_id}))
-
-    def on_joined(self, peer, info):
-        self.cluster.on_joined(info)
-
-    def on_refused(self, peer, reason):
-        self.cluster.on_refused(reason)
 
     def on_peer_value(self, peer, object_id, kind, meta, payload, contained_owners):
         self.objects.on_peer_value(peer, object_id, kind, meta, payload, contained_owners,
@@ -610,10 +550,10 @@ class NodeManager:
 def run_node_manager(session_dir, node_id, resources, store_capacity, token, connect_gcs,
                      num_workers=None, embedded=False, ready_path=None, parent_pid=None,
                      log_to_driver=True, gpu_ids=None, node_ip="127.0.0.1", port=0,
-                     head_address=None):
+                     head_address=None, resume=False):
     manager = NodeManager(session_dir, node_id, resources, store_capacity, token,
                           num_workers, embedded, log_to_driver, gpu_ids, node_ip, port,
-                          head_address)
+                          head_address, resume)
     try:
         asyncio.run(manager.run(ready_path, parent_pid, connect_gcs))
     except JoinError:

@@ -43,7 +43,18 @@ def cmd_start(args):
     options = {"node_ip_address": args.node_ip_address, "num_cpus": args.num_cpus,
                "num_gpus": args.num_gpus, "resources": _resources_option(args.resources),
                "object_store_memory": args.object_store_memory, "num_workers": args.num_workers}
-    if args.head:
+    if args.restart and not args.head:
+        raise CommandError("--restart restarts a head: use it with --head")
+    if args.head and args.restart:
+        session = launcher.dead_head_session()
+        if session is None:
+            raise CommandError("no head started on this machine has died: there is nothing "
+                               "to restart (start a new cluster with `minray start --head`)")
+        node = _start(launcher, head=True, port=args.port or 0, resume_session=session,
+                      **options)
+        print(f"Restarted the minray head {_short(node.node_id)} at {node.address} "
+              f"(pid {node.pid}) in {session}: the other nodes link to it again.")
+    elif args.head:
         port = launcher.DEFAULT_HEAD_PORT if args.port is None else args.port
         node = _start(launcher, head=True, port=port,
                       num_gcs_shards=args.num_gcs_shards or 1, **options)
@@ -447,6 +458,9 @@ def _parser():
         f"comes from --token-file or {TOKEN_ENV}, never from the command line.")
     start.add_argument("--head", action="store_true", help="start a new cluster's head")
     start.add_argument("--address", help="HOST:PORT of the head to join")
+    start.add_argument("--restart", action="store_true",
+                       help="with --head: take over the cluster of the head that died on this "
+                       "machine (its token, control store and address)")
     start.add_argument("--port", type=int, help=f"TCP port for peers (head default "
                        f"{DEFAULT_HEAD_PORT}; a joining node takes any free port)")
     start.add_argument("--node-ip-address", default="127.0.0.1",
