@@ -1,13 +1,13 @@
 """The head's node manager killed with -9 and restarted in its session: the
 other nodes link to it again and the cluster goes on."""
 import os
-import time
 
 import pytest
 
 import minray
 from minray.cluster_utils import Cluster
 from minray.exceptions import NodeDiedError
+from test_multinode import hanging_task_on
 
 STORE = 128 << 20
 
@@ -84,18 +84,7 @@ def test_a_restarted_head_takes_the_cluster_back(cluster):
 def test_a_node_lost_while_the_head_was_away_is_declared_dead(cluster, tmp_path):
     node2, node3 = cluster.worker_nodes
     minray.init(address=node2.address)
-    started = tmp_path / "started"
-
-    @minray.remote(resources={"node3": 1}, max_retries=0)
-    def hang(path):
-        open(path, "w").close()
-        time.sleep(600)
-
-    ref = hang.remote(str(started))
-    deadline = time.monotonic() + 30
-    while not started.exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    ref = hanging_task_on("node3", tmp_path)
     cluster.kill_head()
     cluster.remove_node(node3, allow_graceful=False)   # nobody is there to notice
     cluster.restart_head()

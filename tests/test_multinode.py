@@ -342,18 +342,25 @@ def test_killed_node_loses_its_objects_and_its_tasks_run_again(cluster, tmp_path
         minray.get(only_on_3, timeout=60)
 
 
-def test_task_without_retries_on_a_killed_node_fails(cluster, tmp_path):
-    node2 = add_worker_node(cluster, 2)
-    minray.init(address=cluster.address)
+def hanging_task_on(resource, tmp_path):
+    """The ref of a task without retries that hangs on the node with
+    `resource`, once it has started there."""
     started = tmp_path / "started"
 
-    @minray.remote(resources={"node2": 1}, max_retries=0)
+    @minray.remote(resources={resource: 1}, max_retries=0)
     def hang(path):
         open(path, "w").close()
         time.sleep(600)
 
     ref = hang.remote(str(started))
     wait_for_file(started)
+    return ref
+
+
+def test_task_without_retries_on_a_killed_node_fails(cluster, tmp_path):
+    node2 = add_worker_node(cluster, 2)
+    minray.init(address=cluster.address)
+    ref = hanging_task_on("node2", tmp_path)
     cluster.remove_node(node2, allow_graceful=False)
     with pytest.raises(NodeDiedError, match="died"):
         minray.get(ref, timeout=60)
