@@ -422,25 +422,31 @@ def dead_head_session():
 
 
 def _kill_leftovers(session_dir, timeout=10.0):
-    """SIGKILL what a dead node manager left running in its session (its
-    control store shards, workers), and wait until they are gone: a head
-    taking the session over needs their ports and files."""
+    """SIGKILL the minray services a dead node manager left running for its
+    session (its control store shards: processes of ours started with
+    `--session-dir` it), and wait until they are gone: a head taking the
+    session over needs their ports and LMDB files. (Its workers end on
+    their own when the node manager's socket closes.)"""
     marker = os.fsencode(session_dir)
     pids = []
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == os.getpid():
             continue
         try:
+            if os.stat(f"/proc/{name}").st_uid != os.getuid():
+                continue
             with open(f"/proc/{name}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if marker in argv:
-            try:
-                os.kill(int(name), signal.SIGKILL)
-                pids.append(int(name))
-            except ProcessLookupError:
-                pass
+        if not any(argv[i] == b"--session-dir" and argv[i + 1] == marker
+                   for i in range(len(argv) - 1)):
+            continue
+        try:
+            os.kill(int(name), signal.SIGKILL)
+            pids.append(int(name))
+        except OSError:                     # gone, or not ours to kill after all
+            pass
     deadline = time.monotonic() + timeout
     for pid in pids:
         while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:

@@ -1,13 +1,14 @@
 """The head's node manager killed with -9 and restarted in its session: the
 other nodes link to it again and the cluster goes on."""
 import os
+import time
 
 import pytest
 
 import minray
 from minray.cluster_utils import Cluster
 from minray.exceptions import NodeDiedError
-from test_multinode import hanging_task_on
+from test_multinode import hanging_task_on, wait_for_file
 
 STORE = 128 << 20
 
@@ -30,7 +31,7 @@ def cluster(monkeypatch):
         made.shutdown()
 
 
-def test_a_restarted_head_takes_the_cluster_back(cluster):
+def test_a_restarted_head_takes_the_cluster_back(cluster, tmp_path):
     node2, node3 = cluster.worker_nodes
     minray.init(address=node2.address)          # the driver is not on the head
     job_id = minray.get_runtime_context().get_job_id()
@@ -52,8 +53,18 @@ def test_a_restarted_head_takes_the_cluster_back(cluster):
     def on_head():
         return minray.get_runtime_context().get_node_id()
 
+    @minray.remote(resources={"head": 1})
+    def long_on_head(path):
+        open(path, "w").close()
+        time.sleep(3)
+        return minray.get_runtime_context().get_node_id()
+
     counter = Counter.options(name="kept", namespace="restart", lifetime="detached").remote()
     assert minray.get(counter.inc.remote()) == 1
+    old_head = cluster.head_node
+    assert minray.get(on_head.remote()) == old_head.node_id     # its code went there
+    running = long_on_head.remote(str(tmp_path / "started"))
+    wait_for_file(tmp_path / "started")
     head_address = cluster.address
     cluster.kill_head()
 
@@ -66,6 +77,9 @@ def test_a_restarted_head_takes_the_cluster_back(cluster):
     assert head.address == head_address
     cluster.wait_for_nodes()
     assert minray.get(waiting_for_head, timeout=60) == head.node_id
+    # What ran on the dead head runs again on the new one (its code sent again).
+    assert minray.get(running, timeout=60) == head.node_id
+    assert minray.get(on_head.remote(), timeout=60) == head.node_id
 
     @minray.remote(resources={"node3": 0.5})
     def find_by_name():

@@ -99,6 +99,7 @@ class ClusterView:
         # A restarted head: address -> (row, deadline) of nodes the control
         # store lists as alive that have not linked to us again yet.
         self.expected = {}
+        self.declared_dead = set()         # (hex) ids of nodes the control store lists dead
 
     # ------------------------------------------------------------ both sides
     def start(self):
@@ -208,6 +209,8 @@ class ClusterView:
                                              row.get("time", 0) > newest[address].get("time", 0)):
                 newest[address] = row
         deadline = time.monotonic() + max(3 * self.timeout_s, 5.0)
+        self.declared_dead.update(row.get("node_id") for row in rows
+                                  if row.get("state") == "DEAD")
         for address, row in newest.items():
             if row.get("state") == "ALIVE" and address != self.own.address \
                     and address not in self.nodes:

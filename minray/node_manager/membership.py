@@ -28,6 +28,7 @@ class JoinError(RuntimeError):
 class Membership:
     def __init__(self, manager):
         self.manager = manager          # the NodeManager
+        self.head_node_id = None        # the head we joined (a restarted one has another)
 
     async def expect_known_nodes(self):
         """A restarted head: the nodes the control store lists as alive should
@@ -75,7 +76,8 @@ class Membership:
         from minray.gcs.supervisor import shard_map_file, write_shard_map
         session_dir = self.manager.session_dir
         os.makedirs(os.path.dirname(shard_map_file(session_dir)), mode=0o700, exist_ok=True)
-        write_shard_map(session_dir, [tuple(a) for a in info["gcs"]])
+        write_shard_map(session_dir, _shard_addresses(info))
+        self.head_node_id = info.get("head_node_id")
 
     def peer_hello(self, conn, info):
         """Another node manager opened a link to us (a node joining, on the head)."""
@@ -86,7 +88,10 @@ class Membership:
         if self.manager.cluster.is_head:
             known = self.manager.cluster.nodes.get(address)
             refused = None
-            if known is None:
+            if known is None and info.get("node_id") in self.manager.cluster.declared_dead:
+                refused = (f"node {address} was declared dead before the head restarted; "
+                           "stop it and start a fresh node to rejoin")
+            elif known is None:
                 refused = self.manager.cluster.on_hello(conn, info)
             elif not known.alive:
                 refused = (f"node {address} was marked dead; stop it and start a fresh node "
@@ -118,21 +123,56 @@ class Membership:
         conn.send(("joined", {"gcs": shards, "head_node_id": self.manager.node_id}))
 
     def on_joined(self, peer, info):
-        if self.manager.cluster.joined.done() and isinstance(info, dict):
+        if peer.address != self.manager.head_address or not isinstance(info, dict):
+            raise wire.ProtocolError(f"'joined' from {peer.address}, which is not our head")
+        _shard_addresses(info)                          # (checked before anything changes)
+        if self.manager.cluster.joined.done():
             self._rejoined(info)
         self.manager.cluster.on_joined(info)
 
     def _rejoined(self, info):
-        """The head accepted us again: it was restarted (its tables came back
-        from the control store; what only it kept in memory, ask again)."""
+        """The head accepted us again. A restarted one (another node id): its
+        tables came back from the control store, but what the dead one held
+        in memory is gone, as on any node's death; and what only we know (our
+        actors' names), it hears again."""
         head_id = info.get("head_node_id")
+        if head_id == self.head_node_id:
+            return                                      # (the same head, a new link)
+        self.head_node_id = head_id
+        manager = self.manager
         log.warning("the head %s was restarted (node %s); linked to it again",
-                    self.manager.head_address,
+                    manager.head_address,
                     head_id.hex()[:8] if isinstance(head_id, bytes) else "?")
-        if isinstance(info.get("gcs"), list):
-            from minray.gcs.supervisor import write_shard_map
-            write_shard_map(self.manager.session_dir, [tuple(a) for a in info["gcs"]])
-        self.manager.actors.claim_names_again()
+        from minray.gcs.supervisor import write_shard_map
+        write_shard_map(manager.session_dir, _shard_addresses(info))
+        self._old_head_died()
+        manager.actors.claim_names_again()
+
+    def _old_head_died(self):
+        """The dead head's tasks, actors and objects, as a node death's (but
+        the address stays a live peer: the new head has it)."""
+        manager = self.manager
+        address = manager.head_address
+        peer = manager.peers.known(address)
+        if peer is not None:
+            peer.functions.clear()                      # the new head has no code of ours
+        manager.tasks.node_died(address)
+        manager.actors.node_died(address)
+        manager.recovery.node_died(address)
+        if peer is not None:
+            manager.objects.forget_connection(peer)
+        manager.dispatcher.schedule()
 
     def on_refused(self, peer, reason):
         self.manager.cluster.on_refused(reason)
+
+
+def _shard_addresses(info):
+    """The control store's shard addresses a "joined" message carries, checked."""
+    shards = info.get("gcs")
+    if not isinstance(shards, list) or not shards or not all(
+            isinstance(a, (list, tuple)) and len(a) == 2 and isinstance(a[0], str)
+            and isinstance(a[1], int) for a in shards):
+        raise wire.ProtocolError(f"'joined' must list the shards as (host, port), got "
+                                 f"{shards!r:.100}")
+    return [tuple(a) for a in shards]

@@ -161,6 +161,8 @@ class ObjectDirectory:
             entry.owner_released = False
         if entry.contains:
             self._release_contents(entry)     # a value made again replaces the old
+        if entry.kind == SPILLED:
+            self.spill_deleted(object_id)     # (its file is stale now)
         entry.kind = kind
         entry.meta = meta
         entry.ready = True
@@ -210,7 +212,8 @@ class ObjectDirectory:
             return
         message = None
         owner = entry.owner
-        if owner is not None and not entry.owner_released and not owner.closed:
+        told_owner = owner is not None and not entry.owner_released and not owner.closed
+        if told_owner:
             if owner.role == "node":
                 self.send_value(owner, object_id, entry)
             else:
@@ -218,7 +221,7 @@ class ObjectDirectory:
                 owner.send(message)
         if entry.subscribers:
             for conn in entry.subscribers:
-                if conn is entry.owner:
+                if conn is owner and told_owner:
                     continue
                 if conn.role == "node":
                     self.send_value(conn, object_id, entry)
@@ -322,16 +325,17 @@ class ObjectDirectory:
                 peer.send(("free", [object_id]))
         self.announce(object_id)
 
-    def pulled(self, object_id, error=None):
+    def pulled(self, object_id, error=None, gone=False):
         """A pull of a LOCATED object ended: it is in the local store now
-        (sealed with a primary pin, adopted here), or `error` says why not."""
+        (sealed with a primary pin, adopted here), or `error` says why not;
+        `gone`: every node said to hold it is dead or answered it has not."""
         entry = self.entries.get(object_id)
         if entry is None or entry.kind != LOCATED:
             if error is None and (entry is None or entry.kind != IN_STORE):
                 self._delete_from_store(object_id)      # nobody wants it any more
             return
         if error is not None:
-            if self.pull_failed is not None:
+            if gone and self.pull_failed is not None:
                 self.pull_failed(object_id, entry, error)     # made again, or failed
                 return
             entry.kind = ERROR

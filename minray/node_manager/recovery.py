@@ -75,6 +75,8 @@ class ObjectRecovery:
     # ------------------------------------------------------------ records
     def keep(self, spec, entries):
         """Remember how a task just submitted here makes its results."""
+        if not entries:
+            return                      # (nothing to make again, nothing to release it)
         records = self.records
         parents = None
         size = RECORD_OVERHEAD
@@ -92,8 +94,9 @@ class ObjectRecovery:
         attempts = UNLIMITED if spec.max_retries == -1 else spec.max_retries
         record = LineageRecord(spec, len(entries), attempts, parents, size)
         old = records.pop(spec.task_id, None)
-        if old is not None:
-            self._drop(old)
+        if old is not None:             # (an id submitted again: the new spec stands)
+            for parent in self._drop(old):
+                self.release(parent)
         records[spec.task_id] = record
         self.bytes += size
         for entry in entries:
@@ -190,8 +193,15 @@ class ObjectRecovery:
         return self.cluster is None or self.cluster.is_alive(address)
 
     def _ask_owner(self, object_id, entry, addresses):
-        self._reset(entry)
-        entry.owner_peer.send(("lost", object_id, addresses))
+        owner = entry.owner_peer
+        if owner.closed or not self._alive(owner.address):
+            self._fail(object_id, entry, OwnerDiedError(
+                f"object {object_id.hex()} is lost: its only copy was on "
+                f"{', '.join(addresses) or 'a node'} and the node that owns it "
+                f"({owner.address}) died, and only the owner can make it again"))
+            return
+        self._reset(object_id, entry)
+        owner.send(("lost", object_id, addresses))
 
     def lose(self, object_id, entry, why):
         """An object we own is lost: start making it again, or fail it."""
@@ -206,13 +216,16 @@ class ObjectRecovery:
         self.objects.announce(object_id)
 
     @staticmethod
-    def _reset(entry):
-        """Not ready again: whoever waits for it goes on waiting."""
+    def _reset(object_id, entry):
+        """Not ready again: whoever waits for it goes on waiting. A live node
+        that kept its copy for us may drop it."""
         entry.ready = False
         entry.kind = None
         entry.data = None
         entry.pin = None
-        entry.primary_peer = None
+        primary, entry.primary_peer = entry.primary_peer, None
+        if primary is not None and not primary.closed:
+            primary.send(("free", [object_id]))
 
     def _reconstruct(self, object_id, entry):
         """Re-run the task that made an object; None once under way, else why not."""
@@ -227,7 +240,7 @@ class ObjectRecovery:
                     f"{self.max_bytes} bytes)")
         spec = record.spec
         if spec.task_id in self.tasks.tasks:
-            self._reset(entry)             # being made again already
+            self._reset(object_id, entry)             # being made again already
             return None
         if record.attempts_left <= 0:
             return (f"its task {spec.name} was already re-run {spec.max_retries} times to "
@@ -239,7 +252,7 @@ class ObjectRecovery:
         self.reconstructions += 1
         log.warning("reconstructing %s: re-running its task %s (%d re-runs left)",
                     object_id.hex(), spec.name, record.attempts_left)
-        self._reset(entry)
+        self._reset(object_id, entry)
         owner = entry.owner if entry.owner is not None and not entry.owner.closed else None
         self.tasks.resubmit(spec, owner)
         return None

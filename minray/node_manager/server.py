@@ -362,7 +362,7 @@ class NodeManager:
                      if a in nodes and nodes[a].alive and nodes[a].transfer_address]
         if not addresses:
             asyncio.get_running_loop().call_soon(
-                self.objects.pulled, object_id, "no live node holds a copy")
+                self.objects.pulled, object_id, "no live node holds a copy", True)
             return
         self.puller.pull(object_id, addresses, self.objects.pulled)
 

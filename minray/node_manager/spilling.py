@@ -21,13 +21,15 @@ import logging
 import os
 import shutil
 
-from minray.exceptions import ObjectStoreFullError
+from minray.exceptions import ObjectExistsError, ObjectStoreFullError
 from minray.node_manager.objects import error_object
 from minray.protocol import ERROR, IN_STORE, SPILLED
 
 log = logging.getLogger("minray.node_manager")
 
 MIN_SPILL_BYTES = 100 << 20      # free at least this much (or a tenth of the store) per pass
+RESTORE_ATTEMPTS = 60            # a restore waits this many times for room ...
+RESTORE_RETRY_S = 0.5            # ... this long each (objects in use may be released)
 
 
 def _write_file(path, data):
@@ -150,41 +152,70 @@ class Spiller:
 
     async def _restore(self, object_id, entry):
         try:
-            path, meta, size = self.files[object_id]
-            if not await self.make_room(size, keep=(object_id,)):
-                raise ObjectStoreFullError(
-                    f"spilled object {object_id.hex()} ({size} bytes) cannot be brought back: "
-                    "the object store is full of objects in use; release references to "
-                    "objects (delete arrays obtained with get) or use a larger object store")
-            buffer = self.store.create_object(object_id, size, meta)
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, _read_file, path, buffer)
-            except BaseException:
-                buffer = None
-                self.store.abort(object_id)
-                raise
-            buffer = None
-            self.store.seal(object_id, True)
+            for attempt in range(RESTORE_ATTEMPTS):
+                if not self._current(object_id, entry):
+                    return                        # freed, or made again, meanwhile
+                outcome = await self._read_back(object_id, entry)
+                if outcome != "no room":
+                    break
+                # The store is full of objects in use right now: they may be
+                # released soon (a task ends); the file stays meanwhile.
+                await asyncio.sleep(RESTORE_RETRY_S)
+            else:
+                self._give_up(object_id, entry, ObjectStoreFullError(
+                    f"spilled object {object_id.hex()} ({entry.size} bytes) could not be "
+                    f"brought back for {RESTORE_ATTEMPTS * RESTORE_RETRY_S:.0f} s: the object "
+                    "store is full of objects in use; release references to objects (delete "
+                    "arrays obtained with get) or use a larger object store"))
         except Exception as exc:
             log.error("restoring spilled object %s failed: %s", object_id.hex(), exc)
-            if self.objects.entries.get(object_id) is entry:
-                # Whoever waits gets the error, never a hang; the value is gone.
-                self.deleted(object_id)
-                self.objects.set_ready(object_id, ERROR, *error_object(exc))
-                self.objects.announce(object_id)
-            return
+            self._give_up(object_id, entry, exc)
         finally:
             self.restoring.pop(object_id, None)
-        if self.objects.entries.get(object_id) is not entry or entry.kind != SPILLED:
-            self.store.delete(object_id)        # freed meanwhile
-            return
+
+    def _current(self, object_id, entry):
+        return self.objects.entries.get(object_id) is entry and entry.kind == SPILLED
+
+    async def _read_back(self, object_id, entry):
+        """One try: "no room", "superseded" (a copy came in some other way:
+        its own set_ready announces it), or "restored"."""
+        path, meta, size = self.files[object_id]
+        if not await self.make_room(size, keep=(object_id,)):
+            return "no room"
+        if not self._current(object_id, entry):
+            return "superseded"
+        try:
+            buffer = self.store.create_object(object_id, size, meta)
+        except ObjectExistsError:
+            return "superseded"               # being written by a re-run or a pull
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, _read_file, path, buffer)
+        except BaseException:
+            buffer = None
+            self.store.abort(object_id)
+            raise
+        buffer = None
+        self.store.seal(object_id, True)
+        if not self._current(object_id, entry):
+            self.store.delete(object_id)      # freed meanwhile: ours to drop
+            return "superseded"
         self.files.pop(object_id, None)
         _remove(path)
         entry.kind = IN_STORE
         entry.pin = self.store.adopt_primary(object_id)
+        # Newest now: the last to be spilled again before its reader pins it.
+        self.objects.entries[object_id] = self.objects.entries.pop(object_id)
         self.restored_objects += 1
         self.restored_bytes += size
         self.objects.announce(object_id)
+        return "restored"
+
+    def _give_up(self, object_id, entry, exc):
+        """Whoever waits gets the error, never a hang."""
+        if self._current(object_id, entry):
+            self.deleted(object_id)
+            self.objects.set_ready(object_id, ERROR, *error_object(exc))
+            self.objects.announce(object_id)
 
     def close(self):
         shutil.rmtree(self.directory, ignore_errors=True)

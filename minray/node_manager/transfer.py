@@ -141,7 +141,14 @@ class TransferServer:
         try:
             pinned = self.store.get(object_id)
         except Exception as exc:          # not here (evicted, freed, spilled) or a bad id
-            return self._send_spilled(sock, object_id, with_mac, exc)
+            sent = self._send_spilled(sock, object_id, with_mac, exc)
+            if sent is not None:
+                return sent
+            try:                          # restored from its file meanwhile
+                pinned = self.store.get(object_id)
+            except Exception as again:
+                sock.sendall(wire.encode(("missing", f"{type(again).__name__}: {again}")))
+                return True
         try:
             with memoryview(pinned) as data:
                 sock.sendall(wire.encode(("object", len(data), pinned.metadata, with_mac)))
@@ -163,16 +170,19 @@ class TransferServer:
             sock.sendall(mac.digest())
 
     def _send_spilled(self, sock, object_id, with_mac, store_error):
-        """An object spilled to disk here is sent from its file."""
+        """An object spilled to disk here is sent from its file; None if its
+        file went meanwhile (it was restored into the store)."""
         found = self.spilled_file(object_id) if isinstance(object_id, bytes) else None
+        if found is None:
+            sock.sendall(wire.encode(("missing", f"{type(store_error).__name__}: "
+                                                 f"{store_error}")))
+            return True
         try:
             with open(found[0], "rb") as f:
                 data = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) \
                     if found[2] else memoryview(b"")
-        except (TypeError, OSError) as exc:
-            why = store_error if found is None else exc
-            sock.sendall(wire.encode(("missing", f"{type(why).__name__}: {why}")))
-            return True
+        except OSError:
+            return None
         try:
             with data:
                 sock.sendall(wire.encode(("object", len(data), found[1], with_mac)))
@@ -194,8 +204,9 @@ class Puller:
     """Pulls objects from other nodes into the local store.
 
     pull(object_id, addresses, done) fetches from the first of `addresses`
-    (transfer addresses) that has it; done(object_id, error) is then called
-    on the event loop (error None: sealed here with a primary pin).
+    (transfer addresses) that has it; done(object_id, error, gone) is then
+    called on the event loop (error None: sealed here with a primary pin;
+    gone: no holder has it any more, as opposed to a failure here).
     """
 
     def __init__(self, store, token, loop, make_room=None):
@@ -217,19 +228,21 @@ class Puller:
 
     def _pull(self, object_id, addresses):
         errors = []
+        gone = True              # every holder refused to connect or said it has none
         for address in addresses:
             try:
                 self._fetch(object_id, address)
-                self.loop.call_soon_threadsafe(self._finish, object_id, None)
+                self.loop.call_soon_threadsafe(self._finish, object_id, None, False)
                 return
             except Exception as exc:
                 errors.append(f"{address}: {type(exc).__name__}: {exc}")
+                gone = gone and isinstance(exc, (LookupError, ConnectionRefusedError))
         why = "; ".join(errors) or "no node holds a copy"
-        self.loop.call_soon_threadsafe(self._finish, object_id, why)
+        self.loop.call_soon_threadsafe(self._finish, object_id, why, gone)
 
-    def _finish(self, object_id, error):
+    def _finish(self, object_id, error, gone):
         for done in self.in_flight.pop(object_id, ()):
-            done(object_id, error)
+            done(object_id, error, gone)
 
     def _fetch(self, object_id, address):
         host, _, port = address.rpartition(":")

@@ -14,6 +14,7 @@ from minray.serialization import deserialize
 
 INLINE_MAX_BYTES = 100 * 1024      # values up to this size travel in messages
 MAKE_ROOM_TIMEOUT_S = 300.0        # spilling to disk to make room for a put or result
+RESTORE_TRIES = 3                  # asking again for an object spilled before we pinned it
 
 
 class ClientObjects:
@@ -185,20 +186,23 @@ class ClientObjects:
 
     def _restored(self, object_id):
         """An object no longer in the store since we heard of it: spilled to
-        disk. Asking for it again has the node manager bring it back."""
-        self.objects.pop(object_id, None)
-        self.subscribed.add(object_id)
-        self.send(("sub", [object_id]))
-        if not self.wait_until(lambda: object_id in self.objects, MAKE_ROOM_TIMEOUT_S):
-            raise GetTimeoutError(f"object {object_id.hex()} was spilled to disk and not "
-                                  f"restored within {MAKE_ROOM_TIMEOUT_S:.0f} s")
-        kind, _, _ = self.objects[object_id]
-        if kind == IN_STORE:
+        disk. Asking for it again has the node manager bring it back (and if
+        it is spilled again before we pin it, once more)."""
+        for _ in range(RESTORE_TRIES):
+            self.objects.pop(object_id, None)
+            self.subscribed.add(object_id)
+            self.send(("sub", [object_id]))
+            if not self.wait_until(lambda: object_id in self.objects, MAKE_ROOM_TIMEOUT_S):
+                raise GetTimeoutError(f"object {object_id.hex()} was spilled to disk and not "
+                                      f"restored within {MAKE_ROOM_TIMEOUT_S:.0f} s")
+            kind, _, _ = self.objects[object_id]
+            if kind == ERROR:
+                self.value(object_id)                   # raises it
+            if kind != IN_STORE:
+                break
             try:
                 return self.store.get(object_id)
             except ObjectNotFoundError:
-                pass
-        elif kind == ERROR:
-            self.value(object_id)                   # raises it
+                continue
         raise ObjectLostError(f"object {object_id.hex()} is no longer in the object store "
                               "and could not be brought back")
