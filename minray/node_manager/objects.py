@@ -36,6 +36,7 @@ Actor handles are counted by the same rules: each actor has an entry of kind
 ACTOR_HANDLES (minray.ids.actor_handle_id) that every handle refers to, and
 the actor manager hears (freed_listeners) when nothing holds it any more.
 """
+import asyncio
 import logging
 
 from minray.exceptions import FailedArgument, ObjectLostError
@@ -43,6 +44,9 @@ from minray.protocol import ACTOR_HANDLES, ERROR, IN_STORE, INLINE, KIND_NAMES, 
 from minray.serialization import serialize
 
 log = logging.getLogger("minray.node_manager")
+
+PULL_RETRIES = 10                # a fetch that failed (not for lack of a copy) is tried
+PULL_RETRY_S = 0.5               # again this often, this long apart
 
 
 def error_object(exc):
@@ -123,6 +127,7 @@ class ObjectDirectory:
         # object back into the store (announced then); a SPILLED one is freed.
         self.restore = None
         self.spill_deleted = None
+        self.pull_retries = {}       # object id -> fetches tried again after a failure
 
     def __len__(self):
         return len(self.entries)
@@ -336,13 +341,24 @@ class ObjectDirectory:
             return
         if error is not None:
             if gone and self.pull_failed is not None:
+                self.pull_retries.pop(object_id, None)
                 self.pull_failed(object_id, entry, error)     # made again, or failed
                 return
+            tries = self.pull_retries.get(object_id, 0)
+            if tries < PULL_RETRIES:
+                # A holder dying mid-transfer resets the connection before its
+                # death is heard of: try again; by then its copy counts as gone.
+                self.pull_retries[object_id] = tries + 1
+                asyncio.get_running_loop().call_later(PULL_RETRY_S, self._pull_again, object_id)
+                return
+            self.pull_retries.pop(object_id, None)
             entry.kind = ERROR
             entry.meta, entry.data = error_object(ObjectLostError(
                 f"object {object_id.hex()} could not be fetched from another node: {error}"))
             entry.size = len(entry.data)
         else:
+            if self.pull_retries:
+                self.pull_retries.pop(object_id, None)
             entry.kind = IN_STORE
             entry.data = None
             try:
@@ -350,6 +366,13 @@ class ObjectDirectory:
             except KeyError:
                 entry.pin = None
         self.announce(object_id)
+
+    def _pull_again(self, object_id):
+        entry = self.entries.get(object_id)
+        if entry is not None and entry.kind == LOCATED and self.pull is not None:
+            self.pull(object_id, entry)
+        else:
+            self.pull_retries.pop(object_id, None)
 
     def located_on(self, address):
         """Entries whose only known copy is on the node at `address`, or

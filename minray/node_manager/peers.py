@@ -105,6 +105,9 @@ class Peer:
     def link_lost(self, link):
         if self.link is link:
             self.link = None
+            # The node may come back as a new process (a restarted head)
+            # without our code: what is sent from now on carries it again.
+            self.functions.clear()
             if self.pending and not self.closed and not self.connecting:
                 self.connecting = True
                 asyncio.ensure_future(self._connect())
