@@ -60,7 +60,7 @@ def test_a_chain_whose_results_were_all_on_a_dead_node_is_made_again(cluster):
 
 def test_a_borrower_holding_a_dead_copy_gets_the_made_again_value(cluster, tmp_path):
     node3 = add_worker_node(cluster, 3, shared=1)
-    add_worker_node(cluster, 2, consumer=1)
+    add_worker_node(cluster, 2, consumer=2)
     minray.init(address=cluster.address)
     make, _ = chain_functions()
     made = make.remote(7)
@@ -75,8 +75,17 @@ def test_a_borrower_holding_a_dead_copy_gets_the_made_again_value(cluster, tmp_p
         array, _ = minray.get(boxed[0])
         return float(array.sum())
 
+    @minray.remote(resources={"consumer": 1}, num_cpus=0)
+    def kind_on_this_node(object_hex):
+        from minray.api import _client
+        rows = _client().request_info("objects")
+        return next((row["kind"] for row in rows if row["id"] == object_hex), None)
+
     result = read_later.remote([made], str(go))
-    time.sleep(0.5)                         # (the borrower has heard where it is)
+    deadline = time.monotonic() + 30
+    while minray.get(kind_on_this_node.remote(made.hex())) != "remote":   # heard where it is
+        assert time.monotonic() < deadline, "node 2 never heard where the object is"
+        time.sleep(0.02)
     add_worker_node(cluster, 4, shared=1)
     cluster.remove_node(node3, allow_graceful=False)
     go.touch()
