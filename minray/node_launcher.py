@@ -133,6 +133,7 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
         if not head:
             raise ValueError("resume_session is for a head taking over a dead head's cluster")
         session_dir = resume_session
+        restart_lock = _lock_restart(session_dir)      # held until the new head is ready
         port = _resumable_head_port(session_dir, port)
         _kill_leftovers(session_dir)
         for name in (READY_FILE, NODE_FILE):
@@ -201,7 +202,37 @@ def start_node(*, head, head_address=None, token=None, node_ip_address="127.0.0.
     node.process = process if keep_process else None
     if head or not _latest_is_live(node.head_address):
         _point_latest(session_dir)
+    if resume_session is not None:
+        restart_lock.close()
     return node
+
+
+RESTART_LOCK = "restart.lock"
+
+
+def _lock_restart(session_dir):
+    """An exclusive lock on a dead head's session while a head takes it over
+    (another restart, or a new head cleaning stale sessions, keeps off it)."""
+    import fcntl
+    lock = open(os.path.join(session_dir, RESTART_LOCK), "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ValueError(f"another restart of the head of {session_dir} is under way") from None
+    return lock
+
+
+def _restart_under_way(session_dir):
+    import fcntl
+    try:
+        with open(os.path.join(session_dir, RESTART_LOCK), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        pass
+    return False
 
 
 def _resumable_head_port(session_dir, port):
@@ -396,6 +427,8 @@ def clean_stale_sessions(include_embedded=False, include_heads=False):
         if info.get("embedded") and not include_embedded:
             continue
         if not _is_node_manager(info.get("pid"), session_dir):
+            if _is_detached_head(info) and _restart_under_way(session_dir):
+                continue                    # (a new head is starting in it)
             if _is_detached_head(info) and not include_heads:
                 _remove_arenas(session_dir)
                 continue
