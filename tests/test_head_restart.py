@@ -110,6 +110,17 @@ def test_a_node_lost_while_the_head_was_away_is_declared_dead(cluster, tmp_path)
 
 
 def test_restart_needs_a_dead_head(cluster):
+    from minray.node_launcher import _lock_restart, start_node
     with pytest.raises(RuntimeError, match="kill_head"):
         cluster.restart_head()
-    assert os.path.isdir(cluster.head_node.session_dir)
+    session = cluster.head_node.session_dir
+    with pytest.raises(ValueError, match="still running"):
+        start_node(head=True, resume_session=session)
+    # Two restarts of one session at once: the second is refused.
+    lock = _lock_restart(session)
+    try:
+        with pytest.raises(ValueError, match="under way"):
+            start_node(head=True, resume_session=session)
+    finally:
+        lock.close()
+    assert os.path.isdir(session)
