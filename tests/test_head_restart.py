@@ -124,3 +124,34 @@ def test_restart_needs_a_dead_head(cluster):
     finally:
         lock.close()
     assert os.path.isdir(session)
+
+
+def test_actors_a_driver_on_the_dead_head_owned(cluster):
+    minray.init(address=cluster.address)           # this driver is on the head
+
+    @minray.remote(resources={"node2": 0.5})
+    class Pid:
+        def pid(self):
+            return os.getpid()
+
+    owned = Pid.remote()
+    detached = Pid.options(name="stays", namespace="restart", lifetime="detached").remote()
+    owned_pid, detached_pid = minray.get([owned.pid.remote(), detached.pid.remote()])
+    cluster.kill_head()
+    minray.shutdown()                              # (its node manager is gone)
+    cluster.restart_head()
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    # Node 2 deals with the old head as a dead node: what it owned ends,
+    # a detached actor lives on.
+    deadline = time.monotonic() + 30
+    while alive(owned_pid):
+        assert time.monotonic() < deadline, "the owned actor outlived its owner"
+        time.sleep(0.05)
+    assert alive(detached_pid)
