@@ -148,7 +148,7 @@ class ObjectRecovery:
         lost = list(self.objects.located_on(address))
         for object_id, entry in lost:
             if self.objects.entries.get(object_id) is not entry or \
-                    (entry.ready and entry.kind not in (LOCATED,)):
+                    (entry.ready and entry.kind != LOCATED):
                 continue                   # handled meanwhile (a sibling's re-run)
             owner_peer = entry.owner_peer
             if owner_peer is not None and owner_peer.address == address:

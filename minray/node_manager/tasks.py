@@ -149,10 +149,7 @@ class TaskManager:
         if cluster is not None and len(cluster.nodes) > 1 and self._backlogged(spec.resources) \
                 and self.spill(task, need_room=True):
             return
-        self.queues.add(task, missing)
-        self.fetch_missing(missing)
-        if not missing:
-            self.dispatcher.schedule()
+        self._queue_here(task, missing)
 
     def _register(self, spec, owner):
         """A new Task for a spec, holding its arguments: (task, failure, missing)
@@ -260,10 +257,7 @@ class TaskManager:
         elif not self.queues.feasible(spec.resources):
             self.fail_unschedulable(task)
         else:
-            self.queues.add(task, missing)
-            self.fetch_missing(missing)
-            if not missing:
-                self.dispatcher.schedule()
+            self._queue_here(task, missing)
 
     def forwarded_finished(self, peer, task_id, state):
         """A node that ran one of our tasks says it ended (its results were
@@ -309,20 +303,25 @@ class TaskManager:
             entries = self.objects.entries
             missing = [arg[1] for arg in spec.args if arg[0] == "r"
                        and ((entry := entries.get(arg[1])) is None
-                            or self._must_wait_for(arg[1], entry))]
-            self.queues.add(task, missing)
-            self.fetch_missing(missing)
-            if not missing:
-                self.dispatcher.schedule()
+                            or self._must_wait_for(entry))]
+            self._queue_here(task, missing)
         elif not self.spill(task, need_room=False):
             self.fail_unschedulable(task)
 
     @staticmethod
-    def _must_wait_for(object_id, entry):
+    def _must_wait_for(entry):
         """Whether a task run here must wait for this argument: it is not
-        ready, or it is in another node's store (fetch_missing fetches it
-        once the task is queued here)."""
+        ready, or it is in another node's store or on disk here
+        (fetch_missing brings it once the task is queued here)."""
         return not entry.ready or entry.kind == LOCATED or entry.kind == SPILLED
+
+    def _queue_here(self, task, missing):
+        """Queue a task on this node: dispatch it now, or fetch what it waits for."""
+        self.queues.add(task, missing)
+        if missing:
+            self.fetch_missing(missing)
+        else:
+            self.dispatcher.schedule()
 
     def fetch_missing(self, missing):
         """Start fetching the arguments in other nodes' stores (or spilled to
@@ -370,7 +369,7 @@ class TaskManager:
                     f"argument {arg[1].hex()} of {what} was freed or never existed"))
             elif entry.kind == ERROR:
                 failed = failed or (entry.meta, entry.data)
-            elif self._must_wait_for(arg[1], entry):
+            elif self._must_wait_for(entry):
                 missing.append(arg[1])
         for object_id in contained:       # refs inside inline arguments
             self.objects.add_task_ref(object_id)
