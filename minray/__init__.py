@@ -1,4 +1,10 @@
 """minray: tasks, actors and a shared-memory object store with Ray's API."""
+import os as _os
+
+from minray._core.compiled import use_fresh_sources as _use_fresh_sources
+
+_use_fresh_sources(_os.path.dirname(_os.path.abspath(__file__)))   # before what they run
+
 from minray import exceptions
 from minray.actor import method
 from minray.api import (

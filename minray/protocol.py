@@ -9,7 +9,7 @@ message is read.
 """
 from typing import NamedTuple
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 
 # How a value travels: inline (its bytes in messages), in the node's store,
 # or an error (inline bytes of a pickled exception). ACTOR_HANDLES is no

@@ -139,13 +139,13 @@ def client_reply(token, hello):
 
 # Between hosts, a party on the path could alter or inject frames after the
 # handshake. Connections whose server class sets `seal_tcp_frames` (node
-# manager to node manager, clients of the control store) carry MACs over TCP: what one flush writes (one
-# or more frames) goes as one outer frame whose payload is those frames and a
-# MAC: keyed BLAKE2b of the direction, a counter and the payload, under a key
-# derived from the token and both handshake nonces. An outer frame that fails
-# the check is never unpickled: the connection is dropped. One MAC per flush
-# rather than per message keeps the cost off each task. (Frames are not
-# encrypted.)
+# manager to node manager, clients of the control store) carry MACs over TCP:
+# what one flush writes (one or more frames) goes as one outer frame whose
+# payload is those frames and a MAC: HMAC-SHA256 (its first 16 bytes) of the
+# direction, a counter and the payload, under a key derived from the token and
+# both handshake nonces. An outer frame that fails the check is never
+# unpickled: the connection is dropped. One MAC per flush rather than per
+# message keeps the cost off each task. (Frames are not encrypted.)
 FRAME_MAC_SIZE = 16
 
 
@@ -164,10 +164,11 @@ class FrameSealer:
         self.received = 0
 
     def _mac(self, label, counter, payload):
-        mac = hashlib.blake2b(label + counter.to_bytes(8, "little"), key=self.key,
-                              digest_size=FRAME_MAC_SIZE)
+        # HMAC-SHA256 (truncated): with SHA instructions it is about twice
+        # as fast as keyed BLAKE2b on the large batches the log writes.
+        mac = hmac.new(self.key, label + counter.to_bytes(8, "little"), "sha256")
         mac.update(payload)
-        return mac.digest()
+        return mac.digest()[:FRAME_MAC_SIZE]
 
     def seal(self, payload):
         """The outer frame carrying `payload` (encoded frames) and its MAC."""
@@ -494,7 +495,8 @@ class FramedServerProtocol:
         self.outbox_bytes = 0
         self.closed = False
         self.frames_received = 0
-        self.largest_frame = max([self.default_max_frame, *self.message_max_frame.values()])
+        self.largest_frame = max(self.default_max_frame,
+                                 max(self.message_max_frame.values(), default=0))
         self.output_paused = False      # the transport's buffer is over its high-water mark
         self.input_held = False         # frames wait in self.buffer until our output drains
         # While paused: unsent bytes when we last saw the peer read, and bytes

@@ -272,9 +272,13 @@ def _host_python(tmp_path):
     return str(python)
 
 
-def test_upgrade_installs_minray_and_restarts_the_nodes(bare_hosts, tmp_path):
+def test_upgrade_installs_minray_and_restarts_the_nodes(bare_hosts, tmp_path, monkeypatch):
     import minray
     hosts = bare_hosts
+    # Its wheels need not be fast: leave the plain-Python modules uncompiled
+    # (the build takes seconds instead of minutes on 2 cores).
+    monkeypatch.setenv("MINRAY_PURE_PYTHON", "1")
+    hosts.env = dict(hosts.env, MINRAY_PURE_PYTHON="1")
     python = _host_python(tmp_path)
     # The hosts share this machine's disk (one venv): one host at a time.
     options = ("--python", python, "--parallel", "1")
