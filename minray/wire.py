@@ -206,6 +206,58 @@ def decode(payload):
         raise ProtocolError(f"undecodable frame: {exc}") from None
 
 
+def decode_frames(buffer, max_frame=MAX_FRAME, first_max_frame=None):
+    """Yield (message, frame size) of the complete frames at the start of a
+    bytearray, consuming them, as split_frames and decode would.
+
+    The frames are read from one copy of their bytes: a stream and two
+    copies per frame cost about as much as decoding a small message.
+    `first_max_frame` is the limit of the first frame, if another. A frame
+    whose pickle ends before or after the frame does is refused.
+    """
+    header_size = FRAME_HEADER.size
+    end = 0                              # the end of the last complete frame
+    limit = first_max_frame if first_max_frame is not None else max_frame
+    too_big = None                       # raised once the frames before it are handled
+    while len(buffer) - end >= header_size:
+        (length,) = FRAME_HEADER.unpack_from(buffer, end)
+        if length > limit:
+            too_big = ProtocolError(f"frame of {length} bytes exceeds the {limit} byte limit")
+            break
+        limit = max_frame
+        if len(buffer) - end - header_size < length:
+            break
+        end += header_size + length
+    if not end:
+        if too_big is not None:
+            raise too_big
+        return
+    data = bytes(memoryview(buffer)[:end])
+    stream = io.BytesIO(data)
+    position = 0
+    try:
+        while position < end:
+            (length,) = FRAME_HEADER.unpack_from(data, position)
+            start = position + header_size
+            stream.seek(start)
+            try:
+                # (an unpickler per frame: each frame is a pickle of its own,
+                # and CPython's unpickler cannot reset its memo between them)
+                message = _PlainDataUnpickler(stream).load()
+            except ProtocolError:
+                raise
+            except Exception as exc:
+                raise ProtocolError(f"undecodable frame: {exc}") from None
+            position = start + length
+            if stream.tell() != position:
+                raise ProtocolError("a frame's pickle does not end where the frame does")
+            yield message, length
+        if too_big is not None:
+            raise too_big
+    finally:
+        del buffer[:position]
+
+
 def split_frames(buffer, max_frame=MAX_FRAME):
     """Yield complete frame payloads from a bytearray, consuming them.
 
@@ -332,15 +384,15 @@ class FrameReader:
             if not n:
                 raise ConnectionResetError("connection closed by the peer")
             self.buffer += self.view[:n]
+            if self.sealer is None:
+                self.ready.extend(message for message, _ in decode_frames(self.buffer))
+                continue
             for frame in split_frames(self.buffer):
-                if self.sealer is None:
-                    self.ready.append(frame)
-                    continue
                 inner = bytearray(self.sealer.open(frame))
-                self.ready.extend(split_frames(inner))
+                self.ready.extend(message for message, _ in decode_frames(inner))
                 if inner:
                     raise ProtocolError("a sealed frame ends inside a frame")
-        return decode(self.ready.pop(0))
+        return self.ready.pop(0)
 
 
 class SealedSocket:
@@ -634,16 +686,19 @@ class FramedServerProtocol:
     def _handle_frames(self):
         batcher = self.batcher
         batcher.depth += 1
-        # Past the first frame the limit is fixed: a number, not a call per frame.
-        frames = split_frames(self.buffer, self._frame_limit if self.frames_received == 0
-                              else self.largest_frame)
+        first_limit = self.first_max_frame if self.frames_received == 0 else None
+        if self.sealer is not None:
+            frames = split_frames(self.buffer, self.largest_frame if first_limit is None
+                                  else self._frame_limit)
+        else:
+            frames = decode_frames(self.buffer, self.largest_frame, first_limit)
         try:
-            for payload in frames:
+            for frame in frames:
                 self.frames_received += 1
                 if self.sealer is not None:
-                    self._handle_sealed(self.sealer.open(payload))
+                    self._handle_sealed(self.sealer.open(frame))
                 else:
-                    self._handle_payload(payload)
+                    self._handle_message(*frame)
                 if self.closed:
                     break
                 if self.outbox_bytes > OUTPUT_HIGH_WATER:
@@ -660,23 +715,26 @@ class FramedServerProtocol:
             if batcher.depth == 0:
                 batcher.flush()
 
-    def _handle_payload(self, payload):
-        message = decode(payload)
-        if len(payload) > self.default_max_frame:
+    def _handle_message(self, message, size):
+        if size > self.default_max_frame:
             kind, limit = message_limit(message, self.message_max_frame,
                                         self.default_max_frame, self.kind_index)
-            if len(payload) > limit:
-                raise ProtocolError(f"{kind!r} message of {len(payload)} bytes is "
+            if size > limit:
+                raise ProtocolError(f"{kind!r} message of {size} bytes is "
                                     f"over the {limit}-byte limit for it")
         self.message_received(message)
 
     def _handle_sealed(self, frames):
         """The frames of one checked outer frame, each handled in turn."""
         inner = bytearray(frames)
-        for payload in split_frames(inner, self.largest_frame):
-            self._handle_payload(payload)
-            if self.closed:
-                return
+        decoded = decode_frames(inner, self.largest_frame)
+        try:
+            for message, size in decoded:
+                self._handle_message(message, size)
+                if self.closed:
+                    return
+        finally:
+            decoded.close()
         if inner:
             raise ProtocolError("a sealed frame ends inside a frame")
 

@@ -15,23 +15,27 @@ keep this module free of imports at its top.
 """
 
 COMPILED_MODULES = (
+    "minray.ids",
+    "minray.resources",
     "minray.wire",
     "minray.gcs.client",
     "minray.gcs.server",
+    "minray.node_manager.actors",
     "minray.node_manager.dispatch",
     "minray.node_manager.lineage",
     "minray.node_manager.objects",
     "minray.node_manager.recovery",
     "minray.node_manager.server",
     "minray.node_manager.tasks",
-    "minray.remote_function",
     "minray.runtime.client_objects",
     "minray.runtime.core",
-    "minray.runtime.object_ref",
 )
 # Not the worker's executor: it finds its own frames (to cut them from remote
 # tracebacks, and to interrupt only the task's code on cancel), and compiled
-# code has none.
+# code has none. Nor the modules a task's code calls straight into (remote
+# functions, actor handles, ObjectRef): a cancel's KeyboardInterrupt lands
+# only where the innermost Python frame is not minray's, and below one of
+# their frames minray's compiled code is never mistaken for the task's.
 
 # A compiled module may be this much older than its source: installers write
 # both in one go, in any order.
