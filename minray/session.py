@@ -99,6 +99,14 @@ def retire_session_dir(session_dir):
                 os.unlink(path)
             except OSError:
                 pass
+    socket_path = node_socket_path(session_dir)
+    if not socket_path.startswith(os.path.join(session_dir, "")):
+        # Shortened into /tmp (see node_socket_path): a node manager killed
+        # before it could remove it would leave it there for good.
+        try:
+            os.unlink(socket_path)
+        except OSError:
+            pass
 
 
 def prune_finished_sessions(root, keep=KEEP_FINISHED_SESSIONS):

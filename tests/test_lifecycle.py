@@ -349,3 +349,26 @@ print("REPORT", json.dumps(cluster_report(context["session_dir"])))
     assert out.splitlines()[:3] == ["INTERRUPTED", "after", "done"], (out, err)
     assert "Traceback" not in err, err
     _assert_nothing_left(_report(out))
+
+
+def test_a_killed_node_managers_shortened_socket_is_removed_with_its_session(tmp_path):
+    # A session path too long for a Unix socket puts the node manager's
+    # socket in /tmp; it must go with the session even when the node manager
+    # could not remove it itself.
+    root = tmp_path / ("long-session-root-" + "r" * 60)
+    proc = run_driver("""
+import os, signal, psutil
+import minray
+from minray.session import node_socket_path
+context = minray.init(num_cpus=1)
+socket_path = node_socket_path(context["session_dir"])
+assert socket_path.startswith("/tmp/minray-") and os.path.exists(socket_path), socket_path
+node_manager = [p for p in psutil.Process().children()
+                if "minray.node_manager" in " ".join(p.cmdline())]
+os.kill(node_manager[0].pid, signal.SIGKILL)
+psutil.wait_procs(node_manager, timeout=20)
+assert os.path.exists(socket_path)      # (nobody removed it yet)
+minray.shutdown()
+print("GONE" if not os.path.exists(socket_path) else "LEFT", socket_path)
+""", env={"MINRAY_SESSION_ROOT": str(root)}, check=False)
+    assert "GONE /tmp/minray-" in proc.stdout, proc.stdout + proc.stderr
