@@ -460,34 +460,26 @@ def _kill_leftovers(session_dir, timeout=10.0):
     `--session-dir` it), and wait until they are gone: a head taking the
     session over needs their ports and LMDB files. (Its workers end on
     their own when the node manager's socket closes.)"""
-    marker = os.fsencode(session_dir)
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
+    import psutil
+    victims = []
+    for proc in psutil.process_iter(["uids", "cmdline"]):
+        uids, argv = proc.info["uids"], proc.info["cmdline"] or []
+        if proc.pid == os.getpid() or uids is None or uids.effective != os.getuid():
             continue
-        try:
-            if os.stat(f"/proc/{name}").st_uid != os.getuid():
-                continue
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if not any(argv[i] == b"--session-dir" and argv[i + 1] == marker
-                   for i in range(len(argv) - 1)):
-            continue
-        try:
-            os.kill(int(name), signal.SIGKILL)
-            pids.append(int(name))
-        except OSError:                     # gone, or not ours to kill after all
-            pass
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        if any(argv[i] == "--session-dir" and argv[i + 1] == session_dir
+               for i in range(len(argv) - 1)):
             try:
-                with open(f"/proc/{pid}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                        break             # a zombie holds nothing (its parent reaps it)
-            except OSError:
+                proc.kill()
+                victims.append(proc)
+            except psutil.Error:            # gone, or not ours to kill after all
+                pass
+    deadline = time.monotonic() + timeout
+    for proc in victims:
+        while time.monotonic() < deadline:
+            try:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    break                   # a zombie holds nothing (its parent reaps it)
+            except psutil.NoSuchProcess:
                 break
             time.sleep(0.01)
 

@@ -198,8 +198,13 @@ def encode(message):
 
 
 def decode(payload):
+    return _load(io.BytesIO(payload))
+
+
+def _load(stream):
+    """One message (plain data only) from where the stream stands."""
     try:
-        return _PlainDataUnpickler(io.BytesIO(payload)).load()
+        return _PlainDataUnpickler(stream).load()
     except ProtocolError:
         raise
     except Exception as exc:
@@ -240,14 +245,9 @@ def decode_frames(buffer, max_frame=MAX_FRAME, first_max_frame=None):
             (length,) = FRAME_HEADER.unpack_from(data, position)
             start = position + header_size
             stream.seek(start)
-            try:
-                # (an unpickler per frame: each frame is a pickle of its own,
-                # and CPython's unpickler cannot reset its memo between them)
-                message = _PlainDataUnpickler(stream).load()
-            except ProtocolError:
-                raise
-            except Exception as exc:
-                raise ProtocolError(f"undecodable frame: {exc}") from None
+            # (an unpickler per frame: each frame is a pickle of its own, and
+            # CPython's unpickler cannot reset its memo between them)
+            message = _load(stream)
             position = start + length
             if stream.tell() != position:
                 raise ProtocolError("a frame's pickle does not end where the frame does")
@@ -258,22 +258,22 @@ def decode_frames(buffer, max_frame=MAX_FRAME, first_max_frame=None):
         del buffer[:position]
 
 
-def split_frames(buffer, max_frame=MAX_FRAME):
+def split_frames(buffer, max_frame=MAX_FRAME, first_max_frame=None):
     """Yield complete frame payloads from a bytearray, consuming them.
 
     The frames yielded are removed from the buffer when the generator ends or
-    is closed, even early. `max_frame` is the largest length prefix accepted,
-    or a function returning it, asked again for every frame (a connection's
-    limit can change with what it said); a larger one raises ProtocolError
-    before its body is waited for.
+    is closed, even early. `max_frame` is the largest length prefix accepted
+    (`first_max_frame` for the first frame, if another); a larger one raises
+    ProtocolError before its body is waited for.
     """
     start = 0
+    limit = first_max_frame if first_max_frame is not None else max_frame
     try:
         while len(buffer) - start >= FRAME_HEADER.size:
             (length,) = FRAME_HEADER.unpack_from(buffer, start)
-            limit = max_frame() if callable(max_frame) else max_frame
             if length > limit:
                 raise ProtocolError(f"frame of {length} bytes exceeds the {limit} byte limit")
+            limit = max_frame
             body_start = start + FRAME_HEADER.size
             if len(buffer) - body_start < length:
                 break
@@ -680,18 +680,12 @@ class FramedServerProtocol:
             self.authenticated()
         self._handle_frames()
 
-    def _frame_limit(self):
-        return self.first_max_frame if self.frames_received == 0 else self.largest_frame
-
     def _handle_frames(self):
         batcher = self.batcher
         batcher.depth += 1
         first_limit = self.first_max_frame if self.frames_received == 0 else None
-        if self.sealer is not None:
-            frames = split_frames(self.buffer, self.largest_frame if first_limit is None
-                                  else self._frame_limit)
-        else:
-            frames = decode_frames(self.buffer, self.largest_frame, first_limit)
+        split = split_frames if self.sealer is not None else decode_frames
+        frames = split(self.buffer, self.largest_frame, first_limit)
         try:
             for frame in frames:
                 self.frames_received += 1

@@ -12,8 +12,13 @@ since the last build): `use_fresh_sources` makes Python import that source
 instead, with a warning, so an edit is never silently ignored.
 
 setup.py reads COMPILED_MODULES from this file without importing minray:
-keep this module free of imports at its top.
+keep this module free of minray imports.
 """
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import warnings
 
 COMPILED_MODULES = (
     "minray.ids",
@@ -46,8 +51,6 @@ _WARNED = "MINRAY_STALE_SOURCES_WARNED"
 
 def stale_modules(package_root):
     """Compiled modules whose source changed after they were built."""
-    import importlib.machinery
-    import os
     stale = []
     for name in COMPILED_MODULES:
         base = os.path.join(package_root, *name.split(".")[1:])
@@ -76,7 +79,6 @@ class _SourceFirst:
         source = self.sources.get(name)
         if source is None:
             return None
-        import importlib.util
         return importlib.util.spec_from_file_location(name, source)
 
 
@@ -85,15 +87,11 @@ def use_fresh_sources(package_root):
     stale = stale_modules(package_root)
     if not stale:
         return []
-    import os
-    import sys
-    import warnings
     sys.meta_path.insert(0, _SourceFirst(stale))
-    if os.environ.get(_WARNED):
-        return [name for name, _ in stale]
-    os.environ[_WARNED] = "1"          # (processes minray starts say it no more)
-    warnings.warn(
-        f"minray: {', '.join(path for _, path in stale)} changed since minray was built; "
-        "running the source (slower). Rebuild to compile it again: pip install -e . "
-        "(or python setup.py build_ext --inplace)", RuntimeWarning, stacklevel=3)
+    if not os.environ.get(_WARNED):
+        os.environ[_WARNED] = "1"          # (processes minray starts say it no more)
+        warnings.warn(
+            f"minray: {', '.join(path for _, path in stale)} changed since minray was built; "
+            "running the source (slower). Rebuild to compile it again: pip install -e . "
+            "(or python setup.py build_ext --inplace)", RuntimeWarning, stacklevel=3)
     return [name for name, _ in stale]

@@ -339,26 +339,23 @@ class ObjectDirectory:
             if error is None and (entry is None or entry.kind != IN_STORE):
                 self._delete_from_store(object_id)      # nobody wants it any more
             return
+        # (the empty case, every successful pull, skips the pop)
+        tries = self.pull_retries.pop(object_id, 0) if self.pull_retries else 0
         if error is not None:
             if gone and self.pull_failed is not None:
-                self.pull_retries.pop(object_id, None)
                 self.pull_failed(object_id, entry, error)     # made again, or failed
                 return
-            tries = self.pull_retries.get(object_id, 0)
             if tries < PULL_RETRIES:
                 # A holder dying mid-transfer resets the connection before its
                 # death is heard of: try again; by then its copy counts as gone.
                 self.pull_retries[object_id] = tries + 1
                 asyncio.get_running_loop().call_later(PULL_RETRY_S, self._pull_again, object_id)
                 return
-            self.pull_retries.pop(object_id, None)
             entry.kind = ERROR
             entry.meta, entry.data = error_object(ObjectLostError(
                 f"object {object_id.hex()} could not be fetched from another node: {error}"))
             entry.size = len(entry.data)
         else:
-            if self.pull_retries:
-                self.pull_retries.pop(object_id, None)
             entry.kind = IN_STORE
             entry.data = None
             try:
