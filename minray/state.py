@@ -6,7 +6,7 @@
 Each returns a list of dicts (one per row, with its key as ``id`` in hex).
 From a shell: ``minray list tasks`` prints the same as a table.
 """
-from minray.gcs.tables import TABLES
+from minray.gcs.tables import TABLES, task_id_of_key
 from minray.node_manager.lineage import describe_task_record
 
 DEFAULT_LIMIT = 1000
@@ -33,6 +33,7 @@ def rows(table, client=None, limit=DEFAULT_LIMIT, prefix=b""):
     for key, value in client.scan(table, prefix=prefix, limit=limit):
         if table == "tasks":
             value = describe_task_record(value)
+            key = task_id_of_key(key)
         row = {"id": key.hex()}
         row.update(value if isinstance(value, dict) else {"value": value})
         out.append(row)

@@ -20,6 +20,7 @@ import minray
 import minray.state
 from minray.gcs import GcsClient, GcsProcesses
 from minray.gcs.server import address_file
+from minray.gcs.tables import task_id_of_key
 from minray.node_manager.lineage import LineageLog
 from minray.protocol import TaskSpec
 from minray.session import create_session_dir, read_token
@@ -215,6 +216,14 @@ def _spec(i, args=()):
     return TaskSpec(task_id, b"f" * 16, "work", list(args), (), 1, {"CPU": 1.0}, 0, [], 0, None)
 
 
+def task_record(client, task_id):
+    """A task's record in the tasks table (keyed by end time, then task id)."""
+    for key, value in client.scan("tasks"):
+        if task_id_of_key(key) == task_id:
+            return value
+    return None
+
+
 def test_a_full_log_drops_with_a_counted_warning_and_never_blocks(control_store, caplog):
     g, client = control_store
     reachable = threading.Event()
@@ -245,8 +254,8 @@ def test_a_full_log_drops_with_a_counted_warning_and_never_blocks(control_store,
          what="100 task records")
     poll(lambda: client.get("actors", b"a" * 16) == {"state": "ALIVE"}, timeout=60,
          what="the actor record")
-    assert client.get("tasks", (99).to_bytes(16, "big"))[0] == "FINISHED"
-    assert client.get("tasks", (100).to_bytes(16, "big")) is None
+    assert task_record(client, (99).to_bytes(16, "big"))[0] == "FINISHED"
+    assert task_record(client, (100).to_bytes(16, "big")) is None
     lineage.close()
 
 
@@ -277,7 +286,12 @@ def test_records_are_trimmed_except_what_lineage_needs(control_store):
             errors = [v["message"] for _, v in client.scan("errors")]
             return "199" in errors and counts() == {"tasks": 100, "errors": 10}
         poll(trimmed, timeout=60, what=f"trimmed tables (now {counts()})")
-        kept = client.get_many("tasks", [(i).to_bytes(16, "big") for i in (1, 2, 3, 902, 1002)])
+        # Keyed by end time first: the table is in the order tasks ended
+        # (writes append to its end, trimming takes from its start).
+        rows = client.scan("tasks")
+        assert [value[1] for _, value in rows] == sorted(value[1] for _, value in rows)
+        assert [task_id_of_key(key) for key, value in rows] == [v[4][0] for _, v in rows]
+        kept = [task_record(client, (i).to_bytes(16, "big")) for i in (1, 2, 3, 902, 1002)]
         assert kept[0][4][0] == (1).to_bytes(16, "big")        # pinned by task 2
         assert kept[1][0] == "FINISHED"                      # result held
         assert kept[2] is None                                     # oldest, not needed
@@ -290,11 +304,11 @@ def test_records_are_trimmed_except_what_lineage_needs(control_store):
         held.clear()
         for i in range(1003, 1203):
             lineage.log_task(_spec(i), "FINISHED")
-        poll(lambda: client.get("tasks", (2).to_bytes(16, "big")) is None, timeout=60,
+        poll(lambda: task_record(client, (2).to_bytes(16, "big")) is None, timeout=60,
              what="task 2's record to be trimmed")
         for i in range(1203, 1403):
             lineage.log_task(_spec(i), "FINISHED")
-        poll(lambda: client.get("tasks", (1).to_bytes(16, "big")) is None, timeout=60,
+        poll(lambda: task_record(client, (1).to_bytes(16, "big")) is None, timeout=60,
              what="task 1's record to be trimmed")
         assert counts()["tasks"] == 100
     finally:
@@ -313,9 +327,9 @@ def test_big_inline_arguments_shorten_the_kept_history(control_store):
         def records():
             return sum(info["entries"]["tasks"] for info in client.info())
         # 200 KB hold 19 records of 10 KB + the record itself (200 B).
-        poll(lambda: client.get("tasks", (99).to_bytes(16, "big")) is not None
+        poll(lambda: task_record(client, (99).to_bytes(16, "big")) is not None
              and records() == 19, timeout=60, what=f"19 records (now {records()})")
-        assert client.get("tasks", (99).to_bytes(16, "big"))[0] == "FINISHED"
-        assert client.get("tasks", (80).to_bytes(16, "big")) is None
+        assert task_record(client, (99).to_bytes(16, "big"))[0] == "FINISHED"
+        assert task_record(client, (80).to_bytes(16, "big")) is None
     finally:
         lineage.close()

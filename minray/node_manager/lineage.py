@@ -35,7 +35,7 @@ import threading
 import time
 
 from minray import ids
-from minray.gcs.tables import encode_value
+from minray.gcs.tables import TASK_KEY_TIME_BYTES, encode_value, task_key
 from minray.protocol import KIND_NAMES, ActorCallSpec, TaskSpec
 
 log = logging.getLogger("minray.node_manager")
@@ -134,7 +134,7 @@ class LineageLog:
         self.written = 0
         self.deleted = 0
         self.gcs = None
-        self._task_order = collections.deque()     # (task id, number of returns, bytes)
+        self._task_order = collections.deque()     # (key, number of returns, bytes)
         self._task_bytes = 0                        # of the records in _task_order
         self._object_order = collections.deque()
         self._error_order = collections.deque()
@@ -352,14 +352,15 @@ class LineageLog:
                 _, spec, state, when, size = item
                 self._bytes_out += size
                 task_id = spec.task_id
+                key = task_key(task_id, when)
                 size += TASK_RECORD_BYTES
-                task_order.append((task_id, spec.num_returns, size))
+                task_order.append((key, spec.num_returns, size))
                 self._task_bytes += size
                 for arg in spec.args:
                     if arg[0] == "r":
                         self._pin_producers(task_id, spec.args)
                         break
-                writes.append(("tasks", task_id,
+                writes.append(("tasks", key,
                                encode_value(task_record(spec, state, when, node_id))))
             elif kind == _OBJECT:
                 _, object_id, object_kind, size, task_id = item
@@ -418,7 +419,8 @@ class LineageLog:
                and budget > 0 and order and streak < max_streak):
             budget -= 1
             record = order.popleft()
-            task_id = record[0]
+            key = record[0]
+            task_id = key[TASK_KEY_TIME_BYTES:]
             if ((pins and task_id in pins)
                     or (is_held(task_id + _FIRST_RETURN) if record[1] == 1
                         else self._task_needed(task_id, record[1]))):
@@ -426,7 +428,7 @@ class LineageLog:
                 streak += 1
                 continue
             streak = 0
-            writes.append(("tasks", task_id, None))
+            writes.append(("tasks", key, None))
             self._task_bytes -= record[2]
             self.deleted += 1
             excess -= 1
