@@ -9,7 +9,7 @@ message is read.
 """
 from typing import NamedTuple
 
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 
 # How a value travels: inline (its bytes in messages), in the node's store,
 # or an error (inline bytes of a pickled exception). ACTOR_HANDLES is no
@@ -87,6 +87,8 @@ TO_NODE_MANAGER = {
     "hello": ("role", "info"),
     "fn": ("function_id", "pickled", "name"),
     "submit": ("spec",),                        # TaskSpec
+    # A run of submissions sent together: [("submit", spec) | ("actor_call", spec)].
+    "batch": ("messages",),
     "put": ("object_id", "kind", "meta", "payload", "contained"),
     "sub": ("object_ids",),                     # tell me when these are ready
     # Reference counting; an actor handle counts as a ref to its actor's
@@ -166,6 +168,8 @@ TO_NODE_MANAGER.update(TO_NODE_MANAGER_FROM_PEERS)
 TO_CLIENT = {
     "welcome": ("info",),
     "obj": ("object_id", "kind", "meta", "payload"),
+    # Objects announced together: [(object_id, kind, meta, payload)], as "obj" each.
+    "objs": ("objects",),
     "tasks": ("dispatches",),                   # [Dispatch]
     "actor_init": ("actor_id", "class_id", "pickled", "class_name", "args", "kwarg_names",
                    "gpu_ids", "max_concurrency", "is_async"),
@@ -181,6 +185,9 @@ TO_CLIENT = {
 # the request id among the fields.
 REQUEST_ID_FIELD = {"info": 0, "actor_create": 1, "cancel": 0, "make_room": 0}
 
+
+# What a "batch" may hold.
+BATCHED = frozenset({"submit", "actor_call"})
 
 # Name -> the length of a well-formed message, for a quick check per message.
 NODE_MANAGER_MESSAGE_LENGTHS = {name: len(fields) + 1 for name, fields in TO_NODE_MANAGER.items()}

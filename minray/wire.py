@@ -57,7 +57,7 @@ LARGE_MAX_FRAME = MAX_FRAME      # a listed kind that can legitimately be large
 # capture big objects), specs and results carrying many inline values (up to
 # 100 KB each), and lists of ids (a get or free of millions of refs).
 NODE_MANAGER_MAX_FRAME = dict.fromkeys(
-    ("fn", "actor_create", "submit", "actor_call", "done", "put",
+    ("fn", "actor_create", "submit", "batch", "actor_call", "done", "put",
      "sub", "borrow", "free", "escape", "value", "run", "nodes", "create", "call"), LARGE_MAX_FRAME)
 
 
@@ -623,11 +623,14 @@ class FramedServerProtocol:
     def send(self, message):
         if self.closed:
             return
-        frame = encode(message)
-        if self.output_paused and self._stopped_reading(len(frame)):
-            return
         if not self.outbox:
             self.batcher.mark(self)
+        self._queue(encode(message))
+
+    def _queue(self, frame):
+        """Add a frame to the output (the connection is marked for writing)."""
+        if self.output_paused and self._stopped_reading(len(frame)):
+            return
         self.outbox.append(frame)
         self.outbox_bytes += len(frame)
 

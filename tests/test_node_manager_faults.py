@@ -4,10 +4,12 @@ actor (ids are deterministic, so the same ids come again)."""
 import os
 import signal
 
+import cloudpickle
 import pytest
 
 import minray
 from minray import wire
+from minray.serialization import deserialize
 from minray.session import node_socket_path, read_token
 from minray_driver import module_cluster, poll, wait_for_file
 
@@ -21,6 +23,7 @@ class RawClient:
         session_dir = minray.api._State.session_dir
         self.sock = wire.connect(node_socket_path(session_dir), read_token(session_dir))
         self.reader = wire.FrameReader(self.sock)
+        self.announced = {}
         self.send(("hello", "driver", {"pid": os.getpid(), "code_paths": []}))
         assert self.read()[0] == "welcome"
 
@@ -36,6 +39,14 @@ class RawClient:
             message = self.read()
             if predicate(message):
                 return message
+
+    def read_object(self, object_id):
+        """(object_id, kind, meta, payload) of an object announced to us
+        (now or while reading for another)."""
+        while object_id not in self.announced:
+            for announced in self.read_until(lambda m: m[0] == "objs")[1]:
+                self.announced[announced[0]] = announced
+        return self.announced[object_id]
 
     def close(self):
         self.sock.close()
@@ -55,8 +66,7 @@ def test_a_malformed_submission_fails_its_results_and_the_connection_goes_on(raw
     raw.send(("submit", (task_id, os.urandom(16), "bad", [("x",)], (), 1,
                          {"CPU": float("nan")}, 0, [])))
     raw.send(("sub", [result_id]))
-    message = raw.read_until(lambda m: m[0] == "obj" and m[1] == result_id)
-    assert message[2] == "e"                       # an error object, not a hang
+    assert raw.read_object(result_id)[1] == "e"    # an error object, not a hang
     # A handler that raises on its input, and a request that fails: the
     # request gets an answer saying so, and the connection still works.
     raw.send(("free", 5))
@@ -76,8 +86,31 @@ def test_a_malformed_submission_fails_its_results_and_the_connection_goes_on(raw
     assert minray.get(ok.remote(), timeout=30) == "still fine"
 
 
+def test_a_batch_of_submissions_is_handled_one_by_one_and_a_bad_batch_drops_its_peer(raw):
+    function_id = os.urandom(16)
+    raw.send(("fn", function_id, cloudpickle.dumps(lambda: 42), "answer"))
+    tasks = [os.urandom(16) for _ in range(3)]
+    results = [task_id + (1).to_bytes(4, "big") for task_id in tasks]
+    # The middle one is malformed (NaN CPUs): it fails alone, the others run.
+    raw.send(("batch", [("submit", (task_id, function_id, "answer", [], (), 1,
+                                    {"CPU": float("nan") if i == 1 else 1.0}, 0, [], 0, None))
+                        for i, task_id in enumerate(tasks)]))
+    raw.send(("sub", results))
+    assert raw.read_object(results[1])[1] == "e"
+    for result_id in (results[0], results[2]):
+        _, kind, meta, payload = raw.read_object(result_id)
+        assert kind == "v" and deserialize(meta, payload) == 42
+    # A batch may hold submissions only: anything else is a protocol error.
+    raw.send(("batch", [("info", 8, "stats")]))
+    assert_dropped_and_the_cluster_goes_on(raw)
+
+
 def test_an_unknown_message_drops_only_that_peer(raw):
     raw.send(("no-such-message", 1, 2))
+    assert_dropped_and_the_cluster_goes_on(raw)
+
+
+def assert_dropped_and_the_cluster_goes_on(raw):
     with pytest.raises((ConnectionError, OSError)):
         raw.read_until(lambda m: False)
 

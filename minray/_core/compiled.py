@@ -27,6 +27,7 @@ COMPILED_MODULES = (
     "minray.gcs.client",
     "minray.gcs.server",
     "minray.node_manager.actors",
+    "minray.node_manager.connection",
     "minray.node_manager.dispatch",
     "minray.node_manager.lineage",
     "minray.node_manager.objects",

@@ -15,11 +15,15 @@ from minray.node_manager.server import JoinError, run_node_manager
 from minray.session import read_token, retire_session_dir
 
 LOG_FLUSH_DELAY_S = 0.05
-# The node manager allocates a few container objects per task and message;
-# at Python's default threshold (700) the cyclic collector ran every few
-# dozen tasks and took ~5% of its time. Its long-lived state (imports,
-# tables) is frozen out of the collections once set up.
-GC_THRESHOLDS = (10_000, 10, 10)
+# The node manager keeps a few container objects per task in flight, and
+# Python's cyclic collector went through all of them again and again: with
+# 20,000 tasks in flight it took a fifth of the node manager's time, even
+# with thresholds 14 times Python's (docs/benchmarks.md). Its per-task
+# objects make no reference cycles, so automatic collection is off and the
+# event loop collects when the node is idle, or once a minute
+# (NodeManager._collect_cycles). Its long-lived state (imports, tables) is
+# frozen out of the collections.
+
 # The event loop gives up the GIL at every select and send, which is when the
 # background threads (the lineage log's writer, the control-store flusher)
 # should run. At Python's default (5 ms) they also forced it off mid-handler,
@@ -90,7 +94,7 @@ def main(argv=None):
 
     gc.freeze()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    gc.set_threshold(*GC_THRESHOLDS)
+    gc.disable()
     profile_path = os.environ.get("MINRAY_PROFILE_NODE_MANAGER")
     if profile_path:                  # developer aid: cProfile the whole run
         import cProfile

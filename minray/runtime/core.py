@@ -27,6 +27,22 @@ from minray.serialization import deserialize
 DROPPED_PENDING_MAX = 10_000
 BOOKKEEPING_DELAY_S = 0.1          # longest a dropped ref waits to be reported
 BACKGROUND_READ_CHUNKS = 64        # most reads of up to 1 MiB per background poll
+# Submissions (tasks, actor calls) made in a quick run are sent together, as
+# one "batch" message: one encoding, one write and one wake-up of the node
+# manager for many, instead of one each (decoding a message costs the node
+# manager about as much as handling a submission). The first of a run goes
+# at once; the rest wait until a batch is full, anything else is sent, this
+# process waits for a result, or SUBMIT_GATHER_S passed (the bookkeeping
+# thread sends them then; a busy thread may keep it waiting a few ms more).
+# A run's first batch holds GATHER_FIRST_MESSAGES, each next one twice as
+# many, up to GATHER_MAX_MESSAGES or GATHER_MAX_BYTES: the workers get their
+# first tasks soon, and a long run goes in big batches.
+SUBMIT_GATHER_S = 0.001
+GATHER_FIRST_MESSAGES = 8
+GATHER_MAX_MESSAGES = 128
+GATHER_MAX_BYTES = 256 * 1024
+SPEC_BYTES = 512                   # a spec's size besides its arguments, about
+REF_ARG_BYTES = 64                 # a ref argument's, at most
 # A worker's printed output (minray.worker.output) rides ahead of its next
 # message; past OUTPUT_SEND_BYTES it wakes the bookkeeping thread to send it
 # now, past OUTPUT_PENDING_MAX it is dropped (and the drop reported) rather
@@ -93,6 +109,11 @@ class CoreClient(ClientObjects):
         self.subscribed = set()
         self.pending_free = {}       # id -> whether we owned it, until "free" is sent
         self.pending_escape = []
+        self.gathered = []           # frames held back to go in one write (see send)
+        self.gathered_messages = []  # the submissions of the run under way, not encoded yet
+        self.gathered_bytes = 0
+        self.gather_limit = GATHER_FIRST_MESSAGES    # messages in the run's next batch
+        self.last_gathering_send = 0.0
         self.pending_giveback = []   # worker: tasks to hand back, read while lending
         self.pending_output = collections.deque()   # worker: (job, label, stream, text)
         self.output_lock = threading.Lock()          # for the two counts
@@ -137,22 +158,65 @@ class CoreClient(ClientObjects):
         self.store = SharedStore.attach(store_name)
 
     # ------------------------------------------------------------ sending
-    def send(self, message):
+    def send(self, message, gather=False):
+        """Send a message. With gather (a submission), it may wait, briefly
+        and in order with everything sent after it, to go with others."""
+        if gather:
+            with self.send_lock:
+                if self._gather(message):
+                    return
         frame = wire.encode(message)
         if len(frame) > wire.ORDINARY_MAX_FRAME:
             _check_size(message, len(frame) - wire.FRAME_HEADER.size)
-        frames = [frame]
         with self.send_lock:
             # Built under the lock so escapes and frees reach the node manager
             # in the order they happened, whichever thread sends them.
-            if self._has_bookkeeping():
-                frames = self._bookkeeping_frames() + frames
-            try:
-                self._send_locked(b"".join(frames))
-                if self.pending_giveback or self.pending_fetch:   # read while we waited
-                    self._send_locked(b"".join(self._bookkeeping_frames()))
-            except OSError as exc:
-                raise RaySystemError(f"lost the connection to the node manager: {exc}") from None
+            frames = self._bookkeeping_frames() if self._has_bookkeeping() else []
+            frames.append(frame)
+            self._send_frames(frames)
+
+    def _send_frames(self, frames):
+        try:
+            self._send_locked(b"".join(frames))
+            if self.pending_giveback or self.pending_fetch:   # read while we waited
+                self._send_locked(b"".join(self._bookkeeping_frames()))
+        except OSError as exc:
+            raise RaySystemError(f"lost the connection to the node manager: {exc}") from None
+
+    def _gather(self, message):
+        """Hold a submission back (send_lock held) while a run of them goes
+        on; True if held (or sent with the run it completed)."""
+        now = time.monotonic()
+        held = self.gathered or self.gathered_messages
+        if not held and now - self.last_gathering_send > SUBMIT_GATHER_S:
+            self.last_gathering_send = now        # the first of a run goes at once
+            self.gather_limit = GATHER_FIRST_MESSAGES
+            return False
+        self.last_gathering_send = now
+        size = SPEC_BYTES
+        for arg in message[1][3]:                 # (a task's or call's args)
+            size += len(arg[2]) if arg[0] == "v" else REF_ARG_BYTES
+        if size > GATHER_MAX_BYTES // 4:
+            return False                          # in a frame of its own (and size-checked)
+        if (self.pending_free or self.pending_escape or self.pending_borrow
+                or self.pending_giveback or self.pending_output or self.pending_fetch):
+            # What happened before this submission reaches the node manager before it.
+            self.gathered = self._bookkeeping_frames()
+        self.gathered_messages.append(message)
+        self.gathered_bytes += size
+        if (len(self.gathered_messages) >= self.gather_limit
+                or self.gathered_bytes >= GATHER_MAX_BYTES):
+            self.gather_limit = min(2 * self.gather_limit, GATHER_MAX_MESSAGES)
+            self._send_frames(self._bookkeeping_frames())
+        elif not held:
+            self.output_waiting.set()             # the bookkeeping thread sends them soon
+        return True
+
+    def send_gathered(self):
+        """Send held-back submissions now: this process is about to wait."""
+        self.last_gathering_send = 0.0            # the next submission starts a run
+        if self.gathered or self.gathered_messages:
+            self._send_bookkeeping()
 
     def _send_bookkeeping(self):
         with self.send_lock:
@@ -207,10 +271,13 @@ class CoreClient(ClientObjects):
         also reads what arrived while no thread was waiting: a driver prints
         the error of a task nobody gets, and the node manager's output for a
         process busy elsewhere does not pile up (it would stop reading from
-        it and, past a limit, drop it).
+        it and, past a limit, drop it). Submissions held back to go
+        together are sent from here if nothing else sent them soon.
         """
         while not self.closed:
             self.output_waiting.wait(BOOKKEEPING_DELAY_S)
+            if self.gathered_messages or self.gathered:
+                time.sleep(SUBMIT_GATHER_S)       # the rest of the run joins them
             self.output_waiting.clear()
             try:
                 if self._has_bookkeeping() and not self.closed:
@@ -244,14 +311,24 @@ class CoreClient(ClientObjects):
                 self.cond.notify_all()
 
     def _has_bookkeeping(self):
-        return bool(self.pending_free or self.pending_escape or self.pending_borrow
-                    or self.pending_giveback or self.pending_output or self.pending_fetch)
+        return bool(self.gathered or self.gathered_messages or self.pending_free
+                    or self.pending_escape or self.pending_borrow or self.pending_giveback
+                    or self.pending_output or self.pending_fetch)
 
     def _bookkeeping_frames(self):
         # Output first: what a task printed arrives before its result.
         # Escapes and borrows go before frees: a ref we now hold is counted
         # before anything that kept its object alive for us is let go.
-        frames = self._output_frames() if self.pending_output else []
+        # What was held back goes first: it was sent before everything here.
+        if self.gathered:
+            frames, self.gathered = self.gathered, []
+        else:
+            frames = []
+        if self.gathered_messages:
+            frames.append(wire.encode(("batch", self.gathered_messages)))
+            self.gathered_messages, self.gathered_bytes = [], 0
+        if self.pending_output:
+            frames.extend(self._output_frames())
         if self.pending_giveback:
             given, self.pending_giveback = self.pending_giveback, []
             frames.append(wire.encode(("giveback", given)))
@@ -312,6 +389,8 @@ class CoreClient(ClientObjects):
         """Process incoming messages until predicate() is true or time runs out."""
         deadline = None if timeout is None else time.monotonic() + timeout
         polled = False
+        if self.last_gathering_send:
+            self.send_gathered()      # what we wait for may be among them
         while True:
             with self.cond:
                 if predicate():
@@ -374,25 +453,31 @@ class CoreClient(ClientObjects):
         raise RaySystemError(
             f"lost the connection to the node manager ({why}): the minray cluster is gone")
 
+    def _take_object(self, object_id, value_kind, meta, payload):
+        if value_kind == LOCATED:
+            if object_id in self.ref_counts:
+                self.located.add(object_id)
+                if object_id in self.wanted and object_id not in self.subscribed:
+                    # Sent once this read is done (the reader may hold send_lock).
+                    self.subscribed.add(object_id)
+                    self.pending_fetch.append(object_id)
+        elif object_id in self.ref_counts or object_id in self.subscribed:
+            if self.wanted:
+                self.wanted.discard(object_id)
+            self.objects[object_id] = (value_kind, meta, payload)
+            if value_kind == ERROR:
+                self.errors_arrived += 1
+        elif self.dropped_pending.pop(object_id, False) and value_kind == ERROR:
+            self._report_unhandled(meta, payload)
+
     def _process(self, message):
         kind = message[0]
-        if kind == "obj":
-            _, object_id, value_kind, meta, payload = message
-            if value_kind == LOCATED:
-                if object_id in self.ref_counts:
-                    self.located.add(object_id)
-                    if object_id in self.wanted and object_id not in self.subscribed:
-                        # Sent once this read is done (the reader may hold send_lock).
-                        self.subscribed.add(object_id)
-                        self.pending_fetch.append(object_id)
-            elif object_id in self.ref_counts or object_id in self.subscribed:
-                if self.wanted:
-                    self.wanted.discard(object_id)
-                self.objects[object_id] = (value_kind, meta, payload)
-                if value_kind == ERROR:
-                    self.errors_arrived += 1
-            elif self.dropped_pending.pop(object_id, False) and value_kind == ERROR:
-                self._report_unhandled(meta, payload)
+        if kind == "objs":
+            take = self._take_object
+            for object_id, value_kind, meta, payload in message[1]:
+                take(object_id, value_kind, meta, payload)
+        elif kind == "obj":
+            self._take_object(message[1], message[2], message[3], message[4])
         elif kind == "tasks":
             if self.lending and self.actor_id is None:
                 # Sent before the node manager knew this worker had blocked:
@@ -516,7 +601,7 @@ class CoreClient(ClientObjects):
             self.exported.add(function_id)
 
     def submit(self, spec):
-        self.send(("submit", spec))
+        self.send(("submit", spec), gather=True)
 
     # ------------------------------------------------------------ actors
     def create_actor(self, spec):
@@ -535,7 +620,7 @@ class CoreClient(ClientObjects):
         return reply
 
     def call_actor(self, spec):
-        self.send(("actor_call", spec))
+        self.send(("actor_call", spec), gather=True)
 
     @property
     def namespace(self):
@@ -566,7 +651,8 @@ class CoreClient(ClientObjects):
             if kind == ERROR and object_id in self.owned and object_id not in self.errors_raised:
                 self._report_unhandled(meta, payload)
         try:
-            if self.pending_escape or self.pending_free:
+            if (self.gathered or self.gathered_messages or self.pending_escape
+                    or self.pending_free):
                 with self.send_lock:
                     self._send_locked(b"".join(self._bookkeeping_frames()))
         except (OSError, RaySystemError):
