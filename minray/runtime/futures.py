@@ -38,6 +38,9 @@ class RefFutures:
         # Subscribes to the object if this process has not yet; the reply wakes
         # whichever thread is reading, and the resolver re-checks after it.
         self.client._missing([object_id])
+        # Somebody waits for it now: a submission held back to go with others
+        # (the task that makes it, maybe) goes at once.
+        self.client.send_gathered()
         return fut
 
     def _arrived(self):
