@@ -43,7 +43,10 @@ def rows(table, client=None, limit=DEFAULT_LIMIT, prefix=b""):
 def tasks(client=None, limit=DEFAULT_LIMIT):
     """Finished tasks (the control store's tasks table) and, when called in a
     connected driver or worker without `client`, those still pending or
-    running on its node (the node manager logs a task when it ends)."""
+    running on its node (the node manager logs a task when it ends).
+
+    Finished tasks come oldest first, one row per run: a task run again
+    (its results were lost and made again) has a row for each run."""
     return _with_live("tasks", client, limit)
 
 

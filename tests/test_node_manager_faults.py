@@ -105,6 +105,14 @@ def test_a_batch_of_submissions_is_handled_one_by_one_and_a_bad_batch_drops_its_
     assert_dropped_and_the_cluster_goes_on(raw)
 
 
+def test_a_batch_whose_message_name_is_no_name_drops_its_peer_cleanly(raw):
+    raw.send(("batch", [(["submit"], ())]))         # a list where a name belongs
+    assert_dropped_and_the_cluster_goes_on(raw)
+    log_path = os.path.join(minray.api._State.session_dir, "logs", "node_manager.log")
+    with open(log_path) as f:
+        assert "unhashable" not in f.read()           # a protocol error, not a crash
+
+
 def test_an_unknown_message_drops_only_that_peer(raw):
     raw.send(("no-such-message", 1, 2))
     assert_dropped_and_the_cluster_goes_on(raw)

@@ -71,6 +71,31 @@ def test_actor_calls_in_a_run_keep_their_order_with_puts_between_them():
     assert minray.get(log.items_.remote(), timeout=60) == expected
 
 
+def test_calls_whose_refs_are_dropped_still_go_in_bounded_batches():
+    @minray.remote
+    class Tally:
+        def __init__(self):
+            self.items = []
+
+        def add(self, item):
+            self.items.append(item)
+
+        def items_(self):
+            return self.items
+
+    tally = Tally.remote()
+    minray.get(tally.items_.remote(), timeout=60)
+    client = minray.runtime.core.current()
+    most_held = 0
+    for i in range(2000):
+        tally.add.remote(i)        # its ref dropped at once: a free waits each time
+        most_held = max(most_held, client.held_count)
+    # The frees wait behind the held calls instead of cutting each run into
+    # batches of one, and what is held stays within a batch's limit.
+    assert 1 < most_held <= minray.runtime.core.GATHER_MAX_MESSAGES
+    assert minray.get(tally.items_.remote(), timeout=60) == list(range(2000))
+
+
 def test_a_task_returns_refs_of_a_run_it_submitted_without_waiting():
     @minray.remote
     def square(x):

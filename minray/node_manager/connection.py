@@ -56,7 +56,8 @@ class Connection(wire.FramedServerProtocol):
     def _handle_batch(self, messages):
         """A run of submissions, each handled as if it came alone."""
         if type(messages) is not list or not all(
-                type(m) is tuple and len(m) == 2 and m[0] in BATCHED for m in messages):
+                type(m) is tuple and len(m) == 2 and type(m[0]) is str and m[0] in BATCHED
+                for m in messages):
             raise wire.ProtocolError("a 'batch' holds a list of ('submit' | 'actor_call', "
                                      "spec) messages")
         handle = self.manager.handle
@@ -81,7 +82,7 @@ class Connection(wire.FramedServerProtocol):
                     # peer that stops reading may have waiting (wire).
                     self._queue_objects()
             return
-        if self.pending_objects:
+        if self.pending_objects and not self.closed:
             self._queue_objects()
         super().send(message)
 
@@ -89,6 +90,11 @@ class Connection(wire.FramedServerProtocol):
         objects, self.pending_objects = self.pending_objects, []
         self.pending_object_bytes = 0
         self._queue(wire.encode(("objs", objects)))
+
+    def _close_now(self):
+        self.pending_objects = []
+        self.pending_object_bytes = 0
+        super()._close_now()
 
     def _flush(self):
         if self.pending_objects and not self.closed:

@@ -111,7 +111,8 @@ class CoreClient(ClientObjects):
         self.pending_escape = []
         self.gathered = []           # frames held back to go in one write (see send)
         self.gathered_messages = []  # the submissions of the run under way, not encoded yet
-        self.gathered_bytes = 0
+        self.held_count = 0          # submissions held in both, and about their bytes
+        self.held_bytes = 0
         self.gather_limit = GATHER_FIRST_MESSAGES    # messages in the run's next batch
         self.last_gathering_send = 0.0
         self.pending_giveback = []   # worker: tasks to hand back, read while lending
@@ -186,26 +187,33 @@ class CoreClient(ClientObjects):
     def _gather(self, message):
         """Hold a submission back (send_lock held) while a run of them goes
         on; True if held (or sent with the run it completed)."""
+        if self.closed:
+            return False                          # (sending says why it can't)
         now = time.monotonic()
-        held = self.gathered or self.gathered_messages
+        held = self.held_count
         if not held and now - self.last_gathering_send > SUBMIT_GATHER_S:
             self.last_gathering_send = now        # the first of a run goes at once
             self.gather_limit = GATHER_FIRST_MESSAGES
             return False
         self.last_gathering_send = now
+        held_bytes = self.held_bytes
         size = SPEC_BYTES
         for arg in message[1][3]:                 # (a task's or call's args)
             size += len(arg[2]) if arg[0] == "v" else REF_ARG_BYTES
         if size > GATHER_MAX_BYTES // 4:
             return False                          # in a frame of its own (and size-checked)
-        if (self.pending_free or self.pending_escape or self.pending_borrow
-                or self.pending_giveback or self.pending_output or self.pending_fetch):
-            # What happened before this submission reaches the node manager before it.
+        if (self.pending_escape or self.pending_borrow or self.pending_giveback
+                or self.pending_output or self.pending_fetch):
+            # What happened before this submission reaches the node manager
+            # before it. (Not frees: they may follow. An id waiting to be
+            # freed has no ref left here, so no submission made since holds it;
+            # a new ref to it takes the free back, see add_ref.)
             self.gathered = self._bookkeeping_frames()
+            self.held_count, self.held_bytes = held, held_bytes
         self.gathered_messages.append(message)
-        self.gathered_bytes += size
-        if (len(self.gathered_messages) >= self.gather_limit
-                or self.gathered_bytes >= GATHER_MAX_BYTES):
+        self.held_count += 1
+        self.held_bytes += size
+        if self.held_count >= self.gather_limit or self.held_bytes >= GATHER_MAX_BYTES:
             self.gather_limit = min(2 * self.gather_limit, GATHER_MAX_MESSAGES)
             self._send_frames(self._bookkeeping_frames())
         elif not held:
@@ -220,12 +228,8 @@ class CoreClient(ClientObjects):
 
     def _send_bookkeeping(self):
         with self.send_lock:
-            if not self._has_bookkeeping():
-                return
-            try:
-                self._send_locked(b"".join(self._bookkeeping_frames()))
-            except OSError as exc:
-                raise RaySystemError(f"lost the connection to the node manager: {exc}") from None
+            if self._has_bookkeeping():
+                self._send_frames(self._bookkeeping_frames())
 
     def _send_locked(self, data):
         """Send all of data, with send_lock held.
@@ -326,7 +330,8 @@ class CoreClient(ClientObjects):
             frames = []
         if self.gathered_messages:
             frames.append(wire.encode(("batch", self.gathered_messages)))
-            self.gathered_messages, self.gathered_bytes = [], 0
+            self.gathered_messages = []
+        self.held_count = self.held_bytes = 0
         if self.pending_output:
             frames.extend(self._output_frames())
         if self.pending_giveback:
