@@ -47,18 +47,21 @@ def test_refs_dropped_right_after_a_run_reach_the_node_manager_after_it():
     assert minray.get(direct, timeout=60) == [2 * i for i in range(300)]
 
 
+@minray.remote
+class Log:
+    """Keeps what its calls were given, in the order they ran."""
+
+    def __init__(self):
+        self.items = []
+
+    def add(self, item):
+        self.items.append(item)
+
+    def items_(self):
+        return self.items
+
+
 def test_actor_calls_in_a_run_keep_their_order_with_puts_between_them():
-    @minray.remote
-    class Log:
-        def __init__(self):
-            self.items = []
-
-        def add(self, item):
-            self.items.append(item)
-
-        def items_(self):
-            return self.items
-
     log = Log.remote()
     expected = []
     for i in range(1000):
@@ -72,18 +75,7 @@ def test_actor_calls_in_a_run_keep_their_order_with_puts_between_them():
 
 
 def test_calls_whose_refs_are_dropped_still_go_in_bounded_batches():
-    @minray.remote
-    class Tally:
-        def __init__(self):
-            self.items = []
-
-        def add(self, item):
-            self.items.append(item)
-
-        def items_(self):
-            return self.items
-
-    tally = Tally.remote()
+    tally = Log.remote()
     minray.get(tally.items_.remote(), timeout=60)
     client = minray.runtime.core.current()
     most_held = 0

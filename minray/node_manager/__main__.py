@@ -18,9 +18,9 @@ LOG_FLUSH_DELAY_S = 0.05
 # The node manager keeps a few container objects per task in flight, and
 # Python's cyclic collector went through all of them again and again: with
 # 20,000 tasks in flight it took a quarter of the node manager's time at
-# thresholds 14 times Python's, and a fifth at 140 times (docs/benchmarks.md). Its per-task
-# objects make no reference cycles, so automatic collection is off and the
-# event loop collects when the node is idle, or once a minute
+# thresholds 14 times Python's, and a fifth at 140 times (docs/benchmarks.md).
+# Its per-task objects make no reference cycles, so automatic collection is
+# off and the event loop collects when the node is idle, or once a minute
 # (NodeManager._collect_cycles). Its long-lived state (imports, tables) is
 # frozen out of the collections.
 

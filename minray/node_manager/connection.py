@@ -7,12 +7,12 @@ messages it holds, and sends objects announced in a row as one "objs"
 message.
 """
 from minray import wire
-
-OBJECTS_MESSAGE_BYTES = 256 * 1024   # an "objs" message is sent once about this big
-OBJECT_BYTES = 80                    # an object's entry besides its inline value
 from minray.protocol import (
     BATCHED, NODE_MANAGER_MESSAGE_LENGTHS, PEER_ONLY, TO_NODE_MANAGER, bad_message,
 )
+
+OBJECTS_MESSAGE_BYTES = 256 * 1024   # an "objs" message is sent once about this big
+OBJECT_BYTES = 80                    # an object's entry besides its inline value
 
 
 class Connection(wire.FramedServerProtocol):
@@ -82,7 +82,7 @@ class Connection(wire.FramedServerProtocol):
                     # peer that stops reading may have waiting (wire).
                     self._queue_objects()
             return
-        if self.pending_objects and not self.closed:
+        if self.pending_objects:        # (none once closed: see _close_now)
             self._queue_objects()
         super().send(message)
 
@@ -97,7 +97,7 @@ class Connection(wire.FramedServerProtocol):
         super()._close_now()
 
     def _flush(self):
-        if self.pending_objects and not self.closed:
+        if self.pending_objects:
             self._queue_objects()
         super()._flush()
 
